@@ -1,0 +1,13 @@
+"""Names shared across exprae: batch keys and the AnnData keys results are written under."""
+
+# Keys of the dict every batch is (scvi-tools style): tensors named by role, never by position.
+X_KEY = "x"  # encoder input, cells x genes
+TARGET_KEY = "target"  # reconstruction target, cells x genes (the input itself unless a target layer is set)
+LIBRARY_KEY = "library_size"  # per-cell total of the target, for count likelihoods
+LABEL_KEY = "label"  # integer label per cell, for auxiliary latent losses
+TRUTH_KEY = "true_mean"  # noise-free profile (synthetic data only), after the same preprocessing
+INDEX_KEY = "index"  # row of the cell in the split's AnnData
+
+# Where results land in AnnData, following scanpy's conventions.
+LATENT_OBSM = "X_exprae"
+RECON_LAYER = "exprae_recon"

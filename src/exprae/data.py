@@ -1,0 +1,456 @@
+"""AnnData in, tensors out: reading, checking, splitting and batching expression matrices."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import scipy.sparse as sp
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from exprae.constants import INDEX_KEY, LABEL_KEY, TARGET_KEY, TRUTH_KEY, X_KEY
+from exprae.datasets import load_builtin
+from exprae.preprocessing import Preprocessing
+
+SPLITS = ("train", "val", "test")
+
+
+# ---------------------------------------------------------------- reading and checking
+
+
+def read_h5ad(path: str | Path) -> ad.AnnData:
+    """Read an ``.h5ad`` file, turning a missing, foreign or corrupt file into an error that names it."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"data path {path} is a directory, expected an .h5ad file")
+    with path.open("rb") as f:
+        magic = f.read(8)
+    if magic != b"\x89HDF\r\n\x1a\n":
+        raise ValueError(f"{path} is not an .h5ad file (not HDF5); write one with adata.write_h5ad()")
+    try:
+        return ad.read_h5ad(path)
+    except Exception as e:  # h5py/anndata raise many types for truncated or damaged files
+        raise ValueError(f"{path} could not be read as AnnData (truncated or corrupt?): {e}") from e
+
+
+def select_matrix(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
+    """An AnnData whose ``X`` is the chosen matrix: ``X`` (None or "X"), ``"raw"`` or a named layer."""
+    if layer in (None, "X"):
+        return ad.AnnData(
+            X=adata.X,
+            obs=adata.obs.copy(),
+            var=pd.DataFrame(index=adata.var_names.copy()),
+            layers=dict(adata.layers),
+        )
+    if layer == "raw":
+        if adata.raw is None:
+            raise ValueError("data.layer='raw' was requested but this AnnData has no .raw")
+        return ad.AnnData(
+            X=adata.raw.X, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.raw.var_names.copy())
+        )
+    if layer not in adata.layers:
+        raise KeyError(
+            f"layer {layer!r} not found; available layers: {list(adata.layers) or 'none'} "
+            "(or use data.layer=X / data.layer=raw)"
+        )
+    return ad.AnnData(
+        X=adata.layers[layer],
+        obs=adata.obs.copy(),
+        var=pd.DataFrame(index=adata.var_names.copy()),
+        layers={k: v for k, v in adata.layers.items() if k != layer},
+    )
+
+
+def check_matrix(
+    x: np.ndarray | sp.spmatrix,
+    *,
+    obs_names: Sequence[str],
+    var_names: Sequence[str],
+    nonnegative: bool,
+    what: str = "data",
+) -> None:
+    """Refuse NaN/inf (and negatives where asked), naming how many and the first cells and genes."""
+    csr = sp.csr_matrix(x) if sp.issparse(x) else None
+    values = csr.data if csr is not None else np.asarray(x)
+    bad = ~np.isfinite(values)
+    problems = [("NaN or infinite", bad)]
+    if nonnegative:
+        problems.append(("negative", np.isfinite(values) & (values < 0)))
+    for label, mask in problems:
+        if not mask.any():
+            continue
+        if csr is not None:
+            rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))[mask]
+            cols = csr.indices[mask]
+        else:
+            rows, cols = np.nonzero(mask)
+        cells = list(dict.fromkeys(np.asarray(obs_names)[rows[:50]]))[:3]
+        genes = list(dict.fromkeys(np.asarray(var_names)[cols[:50]]))[:3]
+        hint = " (log1p/normalize_total need non-negative values)" if label == "negative" else ""
+        raise ValueError(
+            f"{what} has {int(mask.sum())} {label} values{hint}, in {len(np.unique(rows))} cells and "
+            f"{len(np.unique(cols))} genes; first cells {cells}, first genes {genes}"
+        )
+
+
+def _row_nnz(x: np.ndarray | sp.spmatrix) -> np.ndarray:
+    return np.diff(sp.csr_matrix(x).indptr) if sp.issparse(x) else (np.asarray(x) != 0).sum(axis=1)
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def split_cells(
+    n_cells: int, *, val_fraction: float, test_fraction: float, seed: int, stratify: Sequence | None = None
+) -> dict[str, np.ndarray]:
+    """Seeded train/val/test row indices (sorted); stratified by ``stratify`` labels when given."""
+    for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < f < 1.0:
+            raise ValueError(f"data.{name} must lie in (0, 1), got {f}")
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no training cells"
+        )
+    n_val, n_test = round(n_cells * val_fraction), round(n_cells * test_fraction)
+    n_train = n_cells - n_val - n_test
+    if min(n_val, n_test) < 1 or n_train < 2:
+        raise ValueError(
+            f"{n_cells} cells are too few for the split val={val_fraction}, test={test_fraction}: it gives "
+            f"{n_train} train, {n_val} val, {n_test} test cells (each set needs cells; train at least 2)"
+        )
+    rng = np.random.default_rng(seed)
+    if stratify is None:
+        perm = rng.permutation(n_cells)
+    else:
+        # Interleave a shuffled order within each label so every prefix is stratified, then cut.
+        labels = pd.Categorical(np.asarray(stratify))
+        rank = np.empty(n_cells)
+        for code in range(len(labels.categories)):
+            idx = np.flatnonzero(labels.codes == code)
+            rank[rng.permutation(idx)] = (np.arange(len(idx)) + rng.random()) / len(idx)
+        perm = np.argsort(rank + rng.random(n_cells) * 1e-9, kind="stable")
+    return {
+        "val": np.sort(perm[:n_val]),
+        "test": np.sort(perm[n_val : n_val + n_test]),
+        "train": np.sort(perm[n_val + n_test :]),
+    }
+
+
+# ---------------------------------------------------------------- batching
+
+
+class CellBatchSampler(Sampler[np.ndarray]):
+    """Yields arrays of row indices, one per batch: seeded, reshuffled per epoch, sharded per DDP rank.
+
+    Each rank takes a disjoint slice of the epoch's permutation, and every rank gets the same number of
+    batches (the permutation is padded by wrapping around when the cells do not divide evenly).
+    """
+
+    def __init__(
+        self,
+        n_cells: int,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+        self.n_cells, self.batch_size, self.shuffle, self.seed = n_cells, batch_size, shuffle, seed
+        self.drop_last, self.num_replicas, self.rank, self.epoch = drop_last, num_replicas, rank, 0
+        self.per_rank = math.ceil(n_cells / num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning at each epoch so the shuffle differs per epoch but not per run."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (
+            self.per_rank // self.batch_size if self.drop_last else math.ceil(self.per_rank / self.batch_size)
+        )
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_cells)
+        else:
+            order = np.arange(self.n_cells)
+        total = self.per_rank * self.num_replicas
+        if total > self.n_cells:
+            order = np.concatenate([order, order[: total - self.n_cells]])
+        mine = order[self.rank : total : self.num_replicas]
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield mine[start : start + self.batch_size]
+
+
+class CellDataset(Dataset):
+    """Rows of a (sparse or dense) matrix, fetched a whole batch at a time and densified per batch."""
+
+    def __init__(
+        self,
+        x: np.ndarray | sp.spmatrix,
+        *,
+        target: np.ndarray | sp.spmatrix | None = None,
+        labels: np.ndarray | None = None,
+        truth: np.ndarray | sp.spmatrix | None = None,
+    ) -> None:
+        self.x = sp.csr_matrix(x, dtype=np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32)
+        self.target = (
+            None
+            if target is None
+            else (
+                sp.csr_matrix(target, dtype=np.float32)
+                if sp.issparse(target)
+                else np.asarray(target, dtype=np.float32)
+            )
+        )
+        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.truth = (
+            None
+            if truth is None
+            else (
+                sp.csr_matrix(truth, dtype=np.float32)
+                if sp.issparse(truth)
+                else np.asarray(truth, dtype=np.float32)
+            )
+        )
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    @staticmethod
+    def _dense(m: np.ndarray | sp.csr_matrix, rows: np.ndarray) -> torch.Tensor:
+        block = m[rows]
+        return torch.from_numpy(block.toarray() if sp.issparse(block) else np.ascontiguousarray(block))
+
+    def __getitem__(self, rows: np.ndarray | Sequence[int]) -> dict[str, torch.Tensor]:
+        rows = np.asarray(rows, dtype=np.int64)
+        x = self._dense(self.x, rows)
+        batch = {
+            X_KEY: x,
+            TARGET_KEY: x if self.target is None else self._dense(self.target, rows),
+            INDEX_KEY: torch.from_numpy(rows),
+        }
+        if self.labels is not None:
+            batch[LABEL_KEY] = self.labels[rows]
+        if self.truth is not None:
+            batch[TRUTH_KEY] = self._dense(self.truth, rows)
+        return batch
+
+
+def batch_loader(
+    dataset: CellDataset, sampler: Sampler, *, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
+    """A DataLoader where each sampled item is a whole batch of rows (one sparse slice per batch)."""
+    return DataLoader(
+        dataset,
+        sampler=sampler,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+
+
+# ---------------------------------------------------------------- the datamodule
+
+
+class ExpressionDataModule(pl.LightningDataModule):
+    """Loads an ``.h5ad`` (or a built-in dataset), preprocesses, splits by cells, and serves dict batches.
+
+    The preprocessing's learned state (genes kept, scaling statistics) is fitted on the training cells
+    only. ``contract()`` and ``split_table()`` describe the data for the run directory, so the model can
+    later be applied to new data exactly as it was trained.
+    """
+
+    def __init__(
+        self,
+        *,
+        dataset: str | None = "pbmc68k",
+        path: str | None = None,
+        layer: str | None = None,
+        preprocess: Preprocessing | dict | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        stratify_key: str | None = None,
+        label_key: str | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        synthetic: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if (dataset is None) == (path is None):
+            raise ValueError(
+                "set exactly one of data.dataset (a built-in name) and data.path (an .h5ad file)"
+            )
+        self.dataset, self.path, self.layer = dataset, path, layer
+        if isinstance(preprocess, dict) or preprocess is None:
+            preprocess = Preprocessing(**(preprocess or {}))
+        self.preprocess = preprocess
+        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        self.stratify_key, self.label_key = stratify_key, label_key
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.synthetic = dict(synthetic or {})
+        self.adata: ad.AnnData | None = None  # preprocessed, all cells
+        self.splits: dict[str, np.ndarray] = {}
+        self.label_categories: list[str] | None = None
+
+    # -- loading
+
+    @property
+    def source(self) -> str:
+        return str(Path(self.path).expanduser()) if self.path is not None else f"builtin:{self.dataset}"
+
+    def load_raw(self) -> ad.AnnData:
+        """The AnnData as the user has it, before matrix selection and preprocessing."""
+        if self.path is not None:
+            return read_h5ad(self.path)
+        return load_builtin(self.dataset, **self.synthetic)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.adata is not None:
+            return
+        full = self.load_raw()
+        adata = select_matrix(full, self.layer)
+        what = f"{self.source} ({'X' if self.layer in (None, 'X') else self.layer})"
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise ValueError(f"{what} is empty: {adata.n_obs} cells x {adata.n_vars} genes")
+        if not adata.var_names.is_unique:
+            dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
+            raise ValueError(
+                f"{what} has duplicated gene names, e.g. {dup}; run adata.var_names_make_unique()"
+            )
+        check_matrix(
+            adata.X,
+            obs_names=adata.obs_names,
+            var_names=adata.var_names,
+            nonnegative=self.preprocess.needs_nonnegative,
+            what=what,
+        )
+        empty = _row_nnz(adata.X) == 0
+        if empty.any():
+            warnings.warn(
+                f"{what}: {int(empty.sum())} cells have all-zero profiles; their cosine is defined as 0",
+                stacklevel=2,
+            )
+        for key in (self.stratify_key, self.label_key):
+            if key is not None and key not in adata.obs:
+                raise KeyError(
+                    f"obs column {key!r} not found in {what}; available: {list(adata.obs.columns)}"
+                )
+        self.splits = split_cells(
+            adata.n_obs,
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            seed=self.split_seed,
+            stratify=None if self.stratify_key is None else adata.obs[self.stratify_key].to_numpy(),
+        )
+        if self.batch_size > len(self.splits["train"]):
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is larger than the {len(self.splits['train'])} training cells"
+            )
+        processed = self.preprocess.per_cell(adata)
+        self.preprocess.fit(processed[self.splits["train"]])
+        self.adata = self.preprocess.transform(adata)
+        if TRUTH_KEY in full.layers and self.layer in (None, "X"):
+            truth = ad.AnnData(
+                X=full.layers[TRUTH_KEY], obs=adata.obs[[]], var=pd.DataFrame(index=adata.var_names)
+            )
+            self.adata.layers[TRUTH_KEY] = self.preprocess.transform(truth).X
+        if self.label_key is not None:
+            labels = pd.Categorical(self.adata.obs[self.label_key])
+            self.label_categories = [str(c) for c in labels.categories]
+
+    # -- what the rest of exprae reads
+
+    @property
+    def n_genes(self) -> int:
+        self._require_setup()
+        return self.adata.n_vars
+
+    @property
+    def var_names(self) -> list[str]:
+        self._require_setup()
+        return list(self.adata.var_names)
+
+    def _require_setup(self) -> None:
+        if self.adata is None:
+            raise RuntimeError("ExpressionDataModule.setup() has not been called")
+
+    def split_dataset(self, split: str) -> CellDataset:
+        """The cells of one split as a :class:`CellDataset`."""
+        self._require_setup()
+        sub = self.adata[self.splits[split]]
+        labels = None
+        if self.label_key is not None:
+            labels = pd.Categorical(sub.obs[self.label_key], categories=self.label_categories).codes
+        return CellDataset(sub.X, labels=labels, truth=sub.layers.get(TRUTH_KEY))
+
+    def train_chunks(self, chunk_size: int = 4096) -> Iterator[torch.Tensor]:
+        """Dense float32 chunks of the training cells, for fitting baselines and PCA initialisation."""
+        data = self.split_dataset("train")
+        for start in range(0, len(data), chunk_size):
+            yield data[np.arange(start, min(start + chunk_size, len(data)))][X_KEY]
+
+    def _rank_info(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader(self, split: str, *, shuffle: bool) -> DataLoader:
+        data = self.split_dataset(split)
+        world, rank = self._rank_info()
+        sampler = CellBatchSampler(
+            len(data),
+            self.batch_size,
+            shuffle=shuffle,
+            seed=self.split_seed,
+            num_replicas=world if shuffle else 1,
+            rank=rank if shuffle else 0,
+        )
+        return batch_loader(data, sampler, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    # -- what the run directory records
+
+    def contract(self) -> dict[str, Any]:
+        """Plain-data description of the input a trained model expects (genes, matrix, preprocessing)."""
+        self._require_setup()
+        return {
+            "source": self.source,
+            "layer": self.layer,
+            "n_genes": self.n_genes,
+            "var_names": self.var_names,
+            "preprocess": self.preprocess.to_dict(),
+            "label_key": self.label_key,
+            "label_categories": self.label_categories,
+        }
+
+    def split_table(self) -> pd.DataFrame:
+        """One row per cell: its name and which split it is in."""
+        self._require_setup()
+        split = np.empty(self.adata.n_obs, dtype=object)
+        for name, idx in self.splits.items():
+            split[idx] = name
+        return pd.DataFrame({"obs_name": self.adata.obs_names, "split": split})

@@ -1,0 +1,139 @@
+"""Pure PyTorch networks (no Lightning, no AnnData): the MLP autoencoder and its PCA-started variant.
+
+With ``init="pca"`` (the default) the autoencoder is a PCA model plus nonlinear residual branches:
+
+    z     = W (x − μ)          + f_enc(x)
+    x_hat = Wᵀ z + μ           + f_dec(z)
+
+``W`` (latent x genes) and ``μ`` are set from a PCA of the training cells by :meth:`AutoEncoder.init_from_pca`
+and stay trainable; the last layer of each residual MLP starts at zero. Training therefore starts exactly at
+the PCA reconstruction and can only move away from it where the loss improves, which is why the default
+model does not end below the PCA baseline. ``init="random"`` is the classic MLP autoencoder (no linear path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+Activation = Literal["relu", "gelu", "silu", "elu", "tanh", "leaky_relu"]
+Norm = Literal["none", "batch", "layer"]
+Init = Literal["pca", "random"]
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "elu": nn.ELU,
+    "tanh": nn.Tanh,
+    "leaky_relu": nn.LeakyReLU,
+}
+_NORMS = ("none", "batch", "layer")
+_INITS = ("pca", "random")
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def mlp(
+    sizes: Sequence[int], *, activation: Activation = "gelu", norm: Norm = "layer", dropout: float = 0.0
+) -> nn.Sequential:
+    """Linear layers through ``sizes``; every hidden layer gets norm, activation and dropout, the last none."""
+    _check_choice("activation", activation, list(_ACTIVATIONS))
+    _check_choice("norm", norm, _NORMS)
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            if norm == "batch":
+                layers.append(nn.BatchNorm1d(n_out))
+            elif norm == "layer":
+                layers.append(nn.LayerNorm(n_out))
+            layers.append(_ACTIVATIONS[activation]())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+class AutoEncoder(nn.Module):
+    """MLP autoencoder for expression profiles; ``forward`` returns ``{"z": z_nk, "recon": x_hat_ng}``."""
+
+    def __init__(
+        self,
+        n_genes: int,
+        *,
+        latent_dim: int = 32,
+        hidden_dims: Sequence[int] = (256, 128),
+        activation: Activation = "gelu",
+        norm: Norm = "layer",
+        dropout: float = 0.1,
+        input_dropout: float = 0.0,
+        init: Init = "pca",
+    ) -> None:
+        super().__init__()
+        if int(n_genes) < 1:
+            raise ValueError(f"n_genes must be positive, got {n_genes}")
+        if int(latent_dim) < 1:
+            raise ValueError(f"model.latent_dim must be a positive integer, got {latent_dim}")
+        if any(int(h) < 1 for h in hidden_dims):
+            raise ValueError(f"model.hidden_dims must be positive integers, got {list(hidden_dims)}")
+        for name, p in (("dropout", dropout), ("input_dropout", input_dropout)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"model.{name} must lie in [0, 1), got {p}")
+        _check_choice("model.init", init, _INITS)
+        self.n_genes, self.latent_dim, self.init = int(n_genes), int(latent_dim), init
+        hidden = [int(h) for h in hidden_dims]
+        kw = {"activation": activation, "norm": norm, "dropout": dropout}
+        self.input_dropout = nn.Dropout(input_dropout) if input_dropout > 0 else nn.Identity()
+        self.encoder = mlp([self.n_genes, *hidden, self.latent_dim], **kw)
+        self.decoder = mlp([self.latent_dim, *reversed(hidden), self.n_genes], **kw)
+        if init == "pca":
+            self.linear_encoder = nn.Linear(self.n_genes, self.latent_dim)
+            self.linear_decoder = nn.Linear(self.latent_dim, self.n_genes)
+            # Residual branches start at zero, so the network starts as its linear (PCA) path.
+            for branch in (self.encoder, self.decoder):
+                nn.init.zeros_(branch[-1].weight)
+                nn.init.zeros_(branch[-1].bias)
+        else:
+            self.linear_encoder = self.linear_decoder = None
+
+    @torch.no_grad()
+    def init_from_pca(self, mean_g: torch.Tensor, components_kg: torch.Tensor) -> None:
+        """Set the linear path to the PCA projection ``W(x − μ)`` and its transpose ``Wᵀz + μ``."""
+        if self.linear_encoder is None:
+            raise RuntimeError("init_from_pca needs an AutoEncoder built with init='pca'")
+        if tuple(components_kg.shape) != (self.latent_dim, self.n_genes):
+            raise ValueError(
+                f"PCA components {tuple(components_kg.shape)} do not match (latent_dim, n_genes) = "
+                f"{(self.latent_dim, self.n_genes)}"
+            )
+        w = components_kg.to(self.linear_encoder.weight)
+        mu = mean_g.to(self.linear_encoder.weight)
+        self.linear_encoder.weight.copy_(w)
+        self.linear_encoder.bias.copy_(-(w @ mu))
+        self.linear_decoder.weight.copy_(w.T)
+        self.linear_decoder.bias.copy_(mu)
+
+    def encode(self, x_ng: torch.Tensor) -> torch.Tensor:
+        """Latent code ``z_nk`` of each cell."""
+        x_ng = self.input_dropout(x_ng)
+        z_nk = self.encoder(x_ng)
+        if self.linear_encoder is not None:
+            z_nk = z_nk + self.linear_encoder(x_ng)
+        return z_nk
+
+    def decode(self, z_nk: torch.Tensor) -> torch.Tensor:
+        """Reconstructed profile ``x_hat_ng`` from latent codes."""
+        x_hat_ng = self.decoder(z_nk)
+        if self.linear_decoder is not None:
+            x_hat_ng = x_hat_ng + self.linear_decoder(z_nk)
+        return x_hat_ng
+
+    def forward(self, x_ng: torch.Tensor) -> dict[str, torch.Tensor]:
+        z_nk = self.encode(x_ng)
+        return {"z": z_nk, "recon": self.decode(z_nk)}

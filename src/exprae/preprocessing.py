@@ -1,0 +1,120 @@
+"""scanpy preprocessing whose fitted state is recorded, so new data can be transformed identically.
+
+The per-cell steps (``normalize_total``, ``log1p``) are stateless. The steps that learn from data (the
+highly-variable-gene list, the per-gene scaling means and stds) are fitted on the training cells only, so
+held-out cells never leak into the model, and saved with the run for ``exprae-predict``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+
+@dataclass
+class Preprocessing:
+    """Which scanpy steps to run, in scanpy's order; fitted state is filled in by :meth:`fit`."""
+
+    normalize_total: float | None = None  # target sum per cell (e.g. 1e4); None: off
+    log1p: bool = False
+    n_top_genes: int | None = None  # highly variable genes kept; None: all genes
+    hvg_flavor: str = "seurat"
+    scale: bool = False  # zero mean, unit variance per gene (train-cell statistics)
+    max_value: float | None = None  # clip after scaling, as sc.pp.scale
+    genes: list[str] | None = field(default=None, repr=False)  # fitted: genes kept
+    scale_mean: list[float] | None = field(default=None, repr=False)  # fitted
+    scale_std: list[float] | None = field(default=None, repr=False)  # fitted
+
+    def __post_init__(self) -> None:
+        if self.normalize_total is not None and not self.normalize_total > 0:
+            raise ValueError(
+                f"preprocess.normalize_total must be positive or null, got {self.normalize_total}"
+            )
+        if self.n_top_genes is not None and int(self.n_top_genes) < 1:
+            raise ValueError(
+                f"preprocess.n_top_genes must be a positive integer or null, got {self.n_top_genes}"
+            )
+        if self.max_value is not None and not self.max_value > 0:
+            raise ValueError(f"preprocess.max_value must be positive or null, got {self.max_value}")
+
+    @property
+    def needs_nonnegative(self) -> bool:
+        return self.normalize_total is not None or self.log1p
+
+    def per_cell(self, adata: ad.AnnData) -> ad.AnnData:
+        """normalize_total and log1p (stateless), on a copy."""
+        import scanpy as sc
+
+        adata = adata.copy()
+        if self.normalize_total is not None:
+            sc.pp.normalize_total(adata, target_sum=float(self.normalize_total))
+        if self.log1p:
+            sc.pp.log1p(adata)
+        return adata
+
+    def fit(self, adata: ad.AnnData) -> Preprocessing:
+        """Learn the gene list and scaling statistics from ``adata`` (training cells, after per_cell)."""
+        import scanpy as sc
+
+        genes = list(adata.var_names)
+        if self.n_top_genes is not None:
+            if int(self.n_top_genes) > adata.n_vars:
+                raise ValueError(
+                    f"preprocess.n_top_genes={self.n_top_genes} exceeds the {adata.n_vars} genes present"
+                )
+            hvg = sc.pp.highly_variable_genes(
+                adata, n_top_genes=int(self.n_top_genes), flavor=self.hvg_flavor, inplace=False
+            )
+            genes = list(adata.var_names[hvg["highly_variable"].to_numpy()])
+        self.genes = genes
+        if self.scale:
+            x = adata[:, genes].X
+            mean = np.asarray(x.mean(axis=0)).ravel().astype(np.float64)
+            sq = x.multiply(x).mean(axis=0) if sp.issparse(x) else np.square(x).mean(axis=0)
+            var = np.asarray(sq).ravel() - mean**2
+            std = np.sqrt(np.clip(var * adata.n_obs / max(adata.n_obs - 1, 1), 0, None))
+            zero = std == 0
+            if zero.any():
+                names = ", ".join(np.asarray(genes)[zero][:5])
+                warnings.warn(
+                    f"{int(zero.sum())} genes have zero variance in the training cells ({names}, ...); "
+                    "scaling leaves them centred at 0 instead of dividing by 0",
+                    stacklevel=2,
+                )
+            std[zero] = 1.0
+            self.scale_mean, self.scale_std = mean.tolist(), std.tolist()
+        return self
+
+    def transform(self, adata: ad.AnnData) -> ad.AnnData:
+        """Apply the fitted steps: per-cell steps, gene subset, scaling (sparse stays sparse unless scaled)."""
+        if self.genes is None:
+            raise RuntimeError("Preprocessing.transform called before fit")
+        adata = self.per_cell(adata)
+        adata = adata[:, self.genes].copy()
+        if self.scale:
+            x = adata.X.toarray() if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float64)
+            x = (x - np.asarray(self.scale_mean)) / np.asarray(self.scale_std)
+            if self.max_value is not None:
+                x = np.clip(x, -self.max_value, self.max_value)
+            adata.X = x.astype(np.float32)
+        return adata
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data record of the settings and fitted state (JSON-serialisable)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        return cls(**d)
+
+    def settings(self) -> dict[str, Any]:
+        """The settings alone, without fitted state: what two runs must share to be comparable."""
+        d = self.to_dict()
+        for k in ("genes", "scale_mean", "scale_std"):
+            d.pop(k)
+        return d
