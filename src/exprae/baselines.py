@@ -36,7 +36,7 @@ def fit_pca(chunks: Iterable[torch.Tensor], n_components: int) -> tuple[torch.Te
         )
     mean_g = sum_g / n
     cov_gg = (gram_gg - n * torch.outer(mean_g, mean_g)) / (n - 1)
-    eigvals, eigvecs = torch.linalg.eigh(cov_gg)  # ascending
+    _, eigvecs = torch.linalg.eigh(cov_gg)  # ascending
     components_kg = eigvecs[:, -n_components:].flip(-1).T.contiguous()
     # Fix the sign (largest-magnitude loading positive) so the fit is reproducible across platforms.
     sign_k = torch.sign(components_kg.gather(1, components_kg.abs().argmax(1, keepdim=True)))

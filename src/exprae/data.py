@@ -55,9 +55,7 @@ def select_matrix(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
     if layer == "raw":
         if adata.raw is None:
             raise ValueError("data.layer='raw' was requested but this AnnData has no .raw")
-        return ad.AnnData(
-            X=adata.raw.X, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.raw.var_names.copy())
-        )
+        return ad.AnnData(X=adata.raw.X, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.raw.var_names.copy()))
     if layer not in adata.layers:
         raise KeyError(
             f"layer {layer!r} not found; available layers: {list(adata.layers) or 'none'} "
@@ -178,9 +176,7 @@ class CellBatchSampler(Sampler[np.ndarray]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return (
-            self.per_rank // self.batch_size if self.drop_last else math.ceil(self.per_rank / self.batch_size)
-        )
+        return self.per_rank // self.batch_size if self.drop_last else math.ceil(self.per_rank / self.batch_size)
 
     def __iter__(self) -> Iterator[np.ndarray]:
         if self.shuffle:
@@ -211,20 +207,14 @@ class CellDataset(Dataset):
             None
             if target is None
             else (
-                sp.csr_matrix(target, dtype=np.float32)
-                if sp.issparse(target)
-                else np.asarray(target, dtype=np.float32)
+                sp.csr_matrix(target, dtype=np.float32) if sp.issparse(target) else np.asarray(target, dtype=np.float32)
             )
         )
         self.labels = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.truth = (
             None
             if truth is None
-            else (
-                sp.csr_matrix(truth, dtype=np.float32)
-                if sp.issparse(truth)
-                else np.asarray(truth, dtype=np.float32)
-            )
+            else (sp.csr_matrix(truth, dtype=np.float32) if sp.issparse(truth) else np.asarray(truth, dtype=np.float32))
         )
 
     def __len__(self) -> int:
@@ -294,9 +284,7 @@ class ExpressionDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if (dataset is None) == (path is None):
-            raise ValueError(
-                "set exactly one of data.dataset (a built-in name) and data.path (an .h5ad file)"
-            )
+            raise ValueError("set exactly one of data.dataset (a built-in name) and data.path (an .h5ad file)")
         self.dataset, self.path, self.layer = dataset, path, layer
         if isinstance(preprocess, dict) or preprocess is None:
             preprocess = Preprocessing(**(preprocess or {}))
@@ -331,9 +319,7 @@ class ExpressionDataModule(pl.LightningDataModule):
             raise ValueError(f"{what} is empty: {adata.n_obs} cells x {adata.n_vars} genes")
         if not adata.var_names.is_unique:
             dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
-            raise ValueError(
-                f"{what} has duplicated gene names, e.g. {dup}; run adata.var_names_make_unique()"
-            )
+            raise ValueError(f"{what} has duplicated gene names, e.g. {dup}; run adata.var_names_make_unique()")
         check_matrix(
             adata.X,
             obs_names=adata.obs_names,
@@ -349,9 +335,7 @@ class ExpressionDataModule(pl.LightningDataModule):
             )
         for key in (self.stratify_key, self.label_key):
             if key is not None and key not in adata.obs:
-                raise KeyError(
-                    f"obs column {key!r} not found in {what}; available: {list(adata.obs.columns)}"
-                )
+                raise KeyError(f"obs column {key!r} not found in {what}; available: {list(adata.obs.columns)}")
         self.splits = split_cells(
             adata.n_obs,
             val_fraction=self.val_fraction,
@@ -367,9 +351,7 @@ class ExpressionDataModule(pl.LightningDataModule):
         self.preprocess.fit(processed[self.splits["train"]])
         self.adata = self.preprocess.transform(adata)
         if TRUTH_KEY in full.layers and self.layer in (None, "X"):
-            truth = ad.AnnData(
-                X=full.layers[TRUTH_KEY], obs=adata.obs[[]], var=pd.DataFrame(index=adata.var_names)
-            )
+            truth = ad.AnnData(X=full.layers[TRUTH_KEY], obs=adata.obs[[]], var=pd.DataFrame(index=adata.var_names))
             self.adata.layers[TRUTH_KEY] = self.preprocess.transform(truth).X
         if self.label_key is not None:
             labels = pd.Categorical(self.adata.obs[self.label_key])

@@ -45,9 +45,7 @@ def synthetic_counts(
     before sampling is kept in ``layers["true_mean"]`` (set ``store_truth=False`` at atlas scale).
     """
     if n_cells < 1 or n_genes < 1 or n_types < 1:
-        raise ValueError(
-            f"synthetic data needs positive sizes, got cells={n_cells} genes={n_genes} types={n_types}"
-        )
+        raise ValueError(f"synthetic data needs positive sizes, got cells={n_cells} genes={n_genes} types={n_types}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"synthetic dropout must lie in [0, 1), got {dropout}")
     rng = np.random.default_rng(seed)

@@ -45,16 +45,12 @@ def _as_float(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def reduce_per_cell(
-    loss_n: torch.Tensor, weight_n: torch.Tensor | None, reduction: Reduction
-) -> torch.Tensor:
+def reduce_per_cell(loss_n: torch.Tensor, weight_n: torch.Tensor | None, reduction: Reduction) -> torch.Tensor:
     """Apply per-cell weights and the reduction documented in this module."""
     if weight_n is not None:
         weight_n = weight_n.to(loss_n.dtype)
         if weight_n.shape != loss_n.shape:
-            raise ValueError(
-                f"weight must have one value per cell {tuple(loss_n.shape)}, got {tuple(weight_n.shape)}"
-            )
+            raise ValueError(f"weight must have one value per cell {tuple(loss_n.shape)}, got {tuple(weight_n.shape)}")
         loss_n = loss_n * weight_n
     if reduction == "none":
         return loss_n
@@ -78,9 +74,7 @@ class ReconstructionLoss(nn.Module):
     def per_cell(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(
-        self, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         if pred.shape != target.shape:
             raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
         return reduce_per_cell(self.per_cell(pred, target), weight, self.reduction)
@@ -130,9 +124,7 @@ class MixedLoss(ReconstructionLoss):
         self.cosine = CosineLoss(centered=centered, eps=eps, reduction="none", dim=dim)
 
     def per_cell(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.alpha * self.mse.per_cell(pred, target) + (1 - self.alpha) * self.cosine.per_cell(
-            pred, target
-        )
+        return self.alpha * self.mse.per_cell(pred, target) + (1 - self.alpha) * self.cosine.per_cell(pred, target)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, " + super().extra_repr()

@@ -43,9 +43,7 @@ class ReconstructionMetrics(Metric):
         self.add_state("n_loss", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("cosines", default=[], dist_reduce_fx="cat")
 
-    def update(
-        self, pred_ng: torch.Tensor, target_ng: torch.Tensor, loss_n: torch.Tensor | None = None
-    ) -> None:
+    def update(self, pred_ng: torch.Tensor, target_ng: torch.Tensor, loss_n: torch.Tensor | None = None) -> None:
         values = per_cell_metrics(pred_ng, target_ng)
         for name, v in values.items():
             setattr(self, f"sum_{name}", getattr(self, f"sum_{name}") + v.double().sum())
@@ -60,11 +58,7 @@ class ReconstructionMetrics(Metric):
         out = {name: (getattr(self, f"sum_{name}") / n).float() for name in ("cosine", "pearson", "mse")}
         if self.n_loss > 0:
             out["loss"] = (self.sum_loss / self.n_loss).float()
-        cos = (
-            self.cosines
-            if isinstance(self.cosines, torch.Tensor)
-            else torch.cat(self.cosines or [torch.zeros(0)])
-        )
+        cos = self.cosines if isinstance(self.cosines, torch.Tensor) else torch.cat(self.cosines or [torch.zeros(0)])
         if cos.numel():
             out["cosine_median"] = cos.float().median()
             out["cosine_p10"] = torch.quantile(cos.float(), 0.1)

@@ -13,6 +13,7 @@ model does not end below the PCA baseline. ``init="random"`` is the classic MLP 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -47,7 +48,7 @@ def mlp(
     _check_choice("activation", activation, list(_ACTIVATIONS))
     _check_choice("norm", norm, _NORMS)
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
             if norm == "batch":

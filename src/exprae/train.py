@@ -92,9 +92,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    log.info(
-        "training on %s: %d cells x %d genes", datamodule.source, datamodule.adata.n_obs, datamodule.n_genes
-    )
+    log.info("training on %s: %d cells x %d genes", datamodule.source, datamodule.adata.n_obs, datamodule.n_genes)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
@@ -114,20 +112,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     rundir.write_json(out_dir / rundir.METRICS_FILE, metrics)
     for lg in trainer.loggers:
-        lg.log_hyperparams(
-            _flat_hparams(cfg), {f"hp/test_{k}": v for k, v in metrics["test"]["model"].items()}
-        )
+        lg.log_hyperparams(_flat_hparams(cfg), {f"hp/test_{k}": v for k, v in metrics["test"]["model"].items()})
     print(f"\nexprae run {out_dir}\n{format_report(metrics)}\n")
     return metrics
 
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     """Scalar hyperparameters of the swappable parts, flattened for TensorBoard's HParams tab."""
-    keep = {
-        k: OmegaConf.to_container(cfg[k], resolve=True)
-        for k in ("data", "model", "loss", "optimizer")
-        if k in cfg
-    }
+    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "loss", "optimizer") if k in cfg}
     flat: dict[str, Any] = {"seed": cfg.get("seed")}
 
     def walk(prefix: str, node: Any) -> None:
