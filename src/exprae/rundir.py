@@ -58,12 +58,15 @@ def read_json(path: str | Path) -> Any:
 
 def environment() -> dict[str, Any]:
     """Versions of the libraries that decide the numbers, and the project's git commit if known."""
-    import anndata
-    import pytorch_lightning
-    import scanpy
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
 
-    import exprae
+    def _version(pkg: str) -> str | None:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return None
 
     try:
         commit = (
@@ -80,12 +83,12 @@ def environment() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {
-        "exprae": exprae.__version__,
+        "exprae": _version("exprae"),
         "git_commit": commit,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "pytorch_lightning": pytorch_lightning.__version__,
-        "anndata": anndata.__version__,
-        "scanpy": scanpy.__version__,
+        "pytorch_lightning": _version("pytorch-lightning"),
+        "anndata": _version("anndata"),
+        "scanpy": _version("scanpy"),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
     }

@@ -1,0 +1,49 @@
+"""Shared fixtures: the real configs composed with Hydra, and small real datasets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import anndata as ad
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from exprae.datasets import pbmc68k
+from exprae.train import CONFIG_DIR
+
+# Overrides that keep a real run short and quiet on 2 CPU cores.
+FAST = [
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.deterministic=true",
+]
+
+
+@pytest.fixture(scope="session")
+def pbmc() -> ad.AnnData:
+    """scanpy's bundled pbmc68k_reduced (real data, no download); copy before modifying."""
+    return pbmc68k()
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """Compose ``configs/train.yaml`` with overrides, writing the run into ``tmp_path``."""
+
+    def _compose(*overrides: str, fast: bool = True) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(
+                config_name="train", overrides=[*(FAST if fast else []), *overrides], return_hydra_config=True
+            )
+        with open_dict(cfg):
+            # Outside @hydra.main there is no runtime output dir; give each test its own.
+            cfg.paths.output_dir = str(tmp_path / "run")
+            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+        return cfg
+
+    yield _compose
+    GlobalHydra.instance().clear()
