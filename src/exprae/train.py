@@ -39,10 +39,16 @@ def build(cfg: DictConfig) -> tuple[ExpressionDataModule, AutoencoderModule]:
     datamodule.setup("fit")
     net = hydra.utils.instantiate(cfg.model, n_genes=datamodule.n_genes)
     loss = hydra.utils.instantiate(cfg.loss)
+    aux = cfg.get("aux") or {}
+    aux_loss = hydra.utils.instantiate(aux["loss"]) if aux.get("loss") else None
+    if aux_loss is not None and datamodule.label_key is None:
+        raise ValueError("an auxiliary latent loss needs labels: set aux.label_key=<obs column>, e.g. bulk_labels")
     module = hydra.utils.instantiate(
         cfg.module,
         net=net,
         loss=loss,
+        aux_loss=aux_loss,
+        aux_weight=aux.get("weight", 0.0) if aux_loss is not None else 0.0,
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
     )
