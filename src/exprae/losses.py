@@ -160,8 +160,9 @@ def cosine_similarity_matrix(
     """
     a = _unit_rows(a_nk, dim=dim, eps=eps)
     b = a if b_mk is None else _unit_rows(b_mk, dim=dim, eps=eps)
+    dtype = torch.promote_types(a.dtype, b.dtype)
     with torch.autocast(device_type=a.device.type, enabled=False):
-        return a @ b.transpose(0, 1)
+        return a.to(dtype) @ b.to(dtype).transpose(0, 1)
 
 
 def _unit_rows(x: torch.Tensor, *, dim: int, eps: float) -> torch.Tensor:
