@@ -74,6 +74,10 @@ def test_centered_cosine_is_one_minus_pearson_by_hand():
     # r = 1 (an offset and scale do not matter), r = −1, and a constant profile (no variance) counts as r = 0.
     out = CosineLoss(centered=True, reduction="none")(pred, target)
     assert out.tolist() == pytest.approx([0.0, 2.0, 1.0], abs=1e-6)
+    # A constant row whose mean does not round exactly still counts as constant, not as rounding noise.
+    flat = torch.full((3, 6), 0.01) * torch.tensor([[1.0], [3.0], [7.0]])
+    out = CosineLoss(centered=True, reduction="none")(flat, torch.randn(3, 6, generator=_gen()))
+    assert out.tolist() == [1.0, 1.0, 1.0]
     # Uncentered, the offset makes the first pair look similar but not identical.
     assert 0 < CosineLoss(reduction="none")(pred, target)[0].item() < 0.05
 
@@ -167,7 +171,7 @@ def test_a_batch_without_triplets_gives_zero_not_nan():
     for labels in (torch.zeros(6, dtype=torch.long), torch.arange(6), torch.full((6,), -1)):
         for loss in (OnlineTripletCosineLoss(), OnlineTripletCosineLoss(mining="hard"), OnlinePairCosineLoss()):
             value = loss(z, labels)
-            value.backward()
+            (1e6 * value).backward()  # a large aux weight must not turn the empty case into inf · 0 = NaN
             assert torch.isfinite(value) and torch.isfinite(z.grad).all()
             if not isinstance(loss, OnlinePairCosineLoss) or (labels < 0).all():
                 assert value.item() == 0.0
@@ -400,6 +404,12 @@ def test_cosine_matrix_stays_float32_under_bf16_autocast():
     torch.testing.assert_close(s.double(), cosine_similarity_matrix(z.double()), atol=1e-6, rtol=0)
 
 
+def test_all_zero_weights_give_zero_loss_and_finite_gradients():
+    pred = torch.randn(3, 4, generator=_gen(), requires_grad=True)
+    (1e6 * CosineLoss()(pred, torch.randn(3, 4, generator=_gen(1)), torch.zeros(3))).backward()
+    assert torch.equal(pred.grad, torch.zeros_like(pred))
+
+
 def test_invalid_settings_are_refused():
     z, labels = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
     with pytest.raises(ValueError, match="reduction"):
@@ -502,3 +512,16 @@ def test_every_aux_config_composes_and_instantiates(compose_cfg, name):
     loss = hydra.utils.instantiate(cfg.aux.loss)
     z, labels = torch.randn(12, 4, generator=_gen()), torch.arange(12) % 3
     assert torch.isfinite(loss(z, labels)) and cfg.aux.weight > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(ALL_LOSSES))
+def test_cuda_under_bf16_autocast_matches_cpu_float32(name):
+    a, b, c = (torch.randn(256, 64, generator=_gen(s)) for s in range(3))
+    labels = torch.arange(256) % 7
+    ref = ALL_LOSSES[name](a, b, c, labels)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = ALL_LOSSES[name](a.cuda(), b.cuda(), c.cuda(), labels.cuda())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.cpu(), ref, atol=1e-5, rtol=1e-5)

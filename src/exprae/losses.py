@@ -31,14 +31,24 @@ def cosine_similarity(
     """
     a, b = _as_float(a_ng), _as_float(b_ng)
     if centered:
-        a = a - a.mean(dim=dim, keepdim=True)
-        b = b - b.mean(dim=dim, keepdim=True)
+        a, b = _center(a, dim=dim), _center(b, dim=dim)
     dot = (a * b).sum(dim=dim)
     # Clamping each squared norm (rather than the product of norms) keeps the gradient finite at a zero row:
     # sqrt is never evaluated at 0.
     norm_a = a.pow(2).sum(dim=dim).clamp_min(eps * eps).sqrt()
     norm_b = b.pow(2).sum(dim=dim).clamp_min(eps * eps).sqrt()
     return dot / (norm_a * norm_b)
+
+
+def _center(x: torch.Tensor, *, dim: int) -> torch.Tensor:
+    """Subtract each row's mean; a row that is constant up to rounding becomes exactly zero (so r = 0)."""
+    centered = x - x.mean(dim=dim, keepdim=True)
+    # In a constant row the rounding error of the mean leaves residuals of ~eps_machine x the row's size; their
+    # direction is noise, and would give cosines of ±0.1 and more against other rows instead of 0.
+    with torch.no_grad():
+        tol = 32 * torch.finfo(x.dtype).eps * x.pow(2).sum(dim=dim, keepdim=True).sqrt()
+        constant = centered.pow(2).sum(dim=dim, keepdim=True).sqrt() <= tol
+    return torch.where(constant, torch.zeros_like(centered), centered)
 
 
 def _as_float(t: torch.Tensor) -> torch.Tensor:
@@ -58,7 +68,14 @@ def reduce_per_cell(loss_n: torch.Tensor, weight_n: torch.Tensor | None, reducti
         return loss_n.sum()
     if weight_n is None:
         return loss_n.mean()
-    return loss_n.sum() / weight_n.sum().clamp_min(torch.finfo(loss_n.dtype).tiny)
+    return loss_n.sum() / _safe_denominator(weight_n.sum())
+
+
+def _safe_denominator(total: torch.Tensor) -> torch.Tensor:
+    # A zero total (all weights 0, or no pair counted) has a zero numerator too; dividing by 1 then gives 0 with
+    # zero gradients. Clamping to a tiny value instead makes the backward 1/tiny, which overflows to inf (and
+    # inf · 0 = NaN) as soon as the loss is scaled by more than ~4, e.g. by an auxiliary-loss weight.
+    return torch.where(total != 0, total, torch.ones_like(total))
 
 
 class ReconstructionLoss(nn.Module):
@@ -199,7 +216,7 @@ def reduce_counted(
     if reduction == "sum":
         return loss_n.sum()
     # No pair or triplet counted (e.g. a batch of one cell type): the loss is 0 with zero gradient, not NaN.
-    return loss_n.sum() / count_n.sum().clamp_min(torch.finfo(loss_n.dtype).tiny)
+    return loss_n.sum() / _safe_denominator(count_n.sum())
 
 
 class PairCosineLoss(nn.Module):

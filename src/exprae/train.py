@@ -125,7 +125,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     """Scalar hyperparameters of the swappable parts, flattened for TensorBoard's HParams tab."""
-    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "loss", "optimizer") if k in cfg}
+    keep = {
+        k: OmegaConf.to_container(cfg[k], resolve=True)
+        for k in ("data", "model", "loss", "aux", "optimizer")
+        if k in cfg
+    }
     flat: dict[str, Any] = {"seed": cfg.get("seed")}
 
     def walk(prefix: str, node: Any) -> None:
