@@ -291,6 +291,8 @@ def test_short_training_run_per_count_loss(compose_cfg, loss, extra):
         # Scored in the input space like the baselines: the model's cosine is in the same range as theirs.
         assert 0.5 < model["cosine"] <= 1.0 and 0.5 < metrics[stage]["pca"]["cosine"] <= 1.0
         assert ("dispersion_pearson" in model) == (loss != "poisson" and not extra)
+        # Synthetic data knows the noise-free profile: model and baselines are also scored against it.
+        assert math.isfinite(model["truth_cosine"]) and math.isfinite(metrics[stage]["pca"]["truth_mse"])
 
 
 @pytest.mark.slow
@@ -299,6 +301,13 @@ def test_count_loss_training_lowers_heldout_nll(compose_cfg):
     start = train(compose_cfg("loss=nb", *SMALL, "trainer.max_epochs=1", "trainer.limit_train_batches=1"))
     more = train(compose_cfg("loss=nb", *SMALL, "trainer.max_epochs=8"))
     assert more["val"]["model"]["nll"] < start["val"]["model"]["nll"]
+
+
+@pytest.mark.gpu
+def test_count_losses_experiment_composes_six_losses(compose_cfg):
+    cfg = compose_cfg("experiment=count_losses")
+    assert cfg.data.target_layer == "counts" and cfg.data.dataset == "synthetic"
+    assert cfg.hydra.sweeper.params.loss.split(",") == ["mse", "cosine", "mixed", "poisson", "nb", "zinb"]
 
 
 @pytest.mark.gpu

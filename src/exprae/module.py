@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from exprae.baselines import Baselines
-from exprae.constants import LIBRARY_KEY, SIZE_FACTOR_KEY, TARGET_KEY, X_KEY
+from exprae.constants import LIBRARY_KEY, SIZE_FACTOR_KEY, TARGET_KEY, TRUTH_KEY, X_KEY
 from exprae.counts import InputView, count_parameters, expected_counts
 from exprae.losses import CountNLL, ReconstructionLoss, reduce_per_cell
 from exprae.metrics import ReconstructionMetrics
@@ -32,7 +32,8 @@ class AutoencoderModule(pl.LightningModule):
     log1p'd and scaled like the input) with the input itself, so they are comparable with every other loss;
     ``val/nll`` is the held-out negative log-likelihood per cell, and on data with a known per-gene dispersion
     (``var["true_dispersion"]``) ``{stage}/dispersion_pearson`` and ``dispersion_spearman`` score the learned
-    per-gene dispersions (on the log scale).
+    per-gene dispersions (on the log scale). On data with a noise-free profile (synthetic ``true_mean``) every
+    scored reconstruction also gets ``truth_{cosine, pearson, mse}`` against it.
     """
 
     def __init__(
@@ -65,6 +66,9 @@ class AutoencoderModule(pl.LightningModule):
         # Baselines are needed for the PCA start even when they are not reported.
         self.baselines = Baselines(net.n_genes, net.latent_dim)
         self.metrics = nn.ModuleDict(
+            {f"{stage}_{who}": ReconstructionMetrics() for stage in EVAL_STAGES for who in SCORED}
+        )
+        self.truth_metrics = nn.ModuleDict(
             {f"{stage}_{who}": ReconstructionMetrics() for stage in EVAL_STAGES for who in SCORED}
         )
 
@@ -119,11 +123,17 @@ class AutoencoderModule(pl.LightningModule):
             return loss
         # Count likelihoods fit raw counts; their metrics (and the baselines') are taken in the input's space.
         target = batch[X_KEY] if self.count_loss else batch[TARGET_KEY]
-        self.metrics[f"{stage}_model"].update(self.reconstruct(out, batch), target, loss_n)
+        recon = self.reconstruct(out, batch)
+        self.metrics[f"{stage}_model"].update(recon, target, loss_n)
+        truth = batch.get(TRUTH_KEY)
+        if truth is not None:
+            self.truth_metrics[f"{stage}_model"].update(recon, truth)
         if self.with_baselines:
-            for who, recon in self.baselines(batch[X_KEY].float()).items():
-                baseline_loss_n = None if self.count_loss else self.loss.per_cell(recon, target)
-                self.metrics[f"{stage}_{who}"].update(recon, target, baseline_loss_n)
+            for who, baseline_recon in self.baselines(batch[X_KEY].float()).items():
+                baseline_loss_n = None if self.count_loss else self.loss.per_cell(baseline_recon, target)
+                self.metrics[f"{stage}_{who}"].update(baseline_recon, target, baseline_loss_n)
+                if truth is not None:
+                    self.truth_metrics[f"{stage}_{who}"].update(baseline_recon, truth)
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -154,6 +164,12 @@ class AutoencoderModule(pl.LightningModule):
                 values["nll"] = values["loss"]  # the held-out NLL per cell, named for tables across losses
             if who == "model":
                 values.update(self._dispersion_agreement())
+            truth = self.truth_metrics[f"{stage}_{who}"]
+            if truth.n_cells > 0:  # the same on every rank: a dataset has a truth layer or not
+                values.update(
+                    {f"truth_{k}": v for k, v in truth.compute().items() if k in ("cosine", "pearson", "mse")}
+                )
+            truth.reset()
             for name, value in values.items():
                 self.log(prefix + name, value, prog_bar=who == "model" and name in ("loss", "cosine"))
             metric.reset()
