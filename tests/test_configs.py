@@ -12,7 +12,7 @@ import hydra
 import pytest
 import torch
 
-from exprae.losses import ReconstructionLoss
+from exprae.losses import CountNLL, ReconstructionLoss
 from exprae.train import CONFIG_DIR
 
 
@@ -25,7 +25,11 @@ def test_every_loss_config_instantiates(compose_cfg, name):
     loss = hydra.utils.instantiate(compose_cfg(f"loss={name}").loss)
     assert isinstance(loss, ReconstructionLoss)
     x = torch.randn(4, 10)
-    assert torch.isfinite(loss(x, x + 0.1))
+    if isinstance(loss, CountNLL):  # count likelihoods take their parameters and raw counts
+        params = {"log_mu": x, "log_theta": x[:1], "dropout_logit": x}
+        assert torch.isfinite(loss(params, torch.poisson(x.exp())))
+    else:
+        assert torch.isfinite(loss(x, x + 0.1))
 
 
 @pytest.mark.parametrize("name", _options("model"))

@@ -41,8 +41,9 @@ def synthetic_counts(
     to gene proportions through a linear map or a small random MLP (``structure``), times a log-normal
     library size (``library_spread`` is the sd of log library size). Counts are NB(mean, dispersion_g)
     drawn as a Gamma–Poisson mixture, with per-gene dispersions around ``dispersion`` (stored in
-    ``var["true_dispersion"]``); ``dropout`` zeroes a further fraction of entries at random. The NB mean
-    before sampling is kept in ``layers["true_mean"]`` (set ``store_truth=False`` at atlas scale).
+    ``var["true_dispersion"]``); ``dropout`` zeroes a further fraction of entries at random. The counts are
+    ``X`` and also ``layers["counts"]`` (the same matrix). The NB mean before sampling is kept in
+    ``layers["true_mean"]`` (set ``store_truth=False`` at atlas scale).
     """
     if n_cells < 1 or n_genes < 1 or n_types < 1:
         raise ValueError(f"synthetic data needs positive sizes, got cells={n_cells} genes={n_genes} types={n_types}")
@@ -79,6 +80,9 @@ def synthetic_counts(
         ),
         var=pd.DataFrame({"true_dispersion": theta_g}, index=[f"gene_{j}" for j in range(n_genes)]),
     )
+    # The raw counts also under the name real data uses, so recipes written for it (data.target_layer=counts) run
+    # here unchanged; it is the same matrix object as X, not a copy.
+    adata.layers["counts"] = adata.X
     if store_truth:
         adata.layers[TRUTH_KEY] = mean_ng
     adata.uns["synthetic"] = {

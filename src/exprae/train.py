@@ -35,10 +35,13 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
 
 def build(cfg: DictConfig) -> tuple[ExpressionDataModule, AutoencoderModule]:
     """Instantiate the datamodule (set up, so the gene count is known) and the LightningModule from ``cfg``."""
-    datamodule: ExpressionDataModule = hydra.utils.instantiate(cfg.data)
-    datamodule.setup("fit")
-    net = hydra.utils.instantiate(cfg.model, n_genes=datamodule.n_genes)
     loss = hydra.utils.instantiate(cfg.loss)
+    # A count likelihood declares the output head it needs; its target is raw counts, not the preprocessed input.
+    head = getattr(loss, "head", None)
+    datamodule: ExpressionDataModule = hydra.utils.instantiate(cfg.data, count_target=head is not None)
+    datamodule.setup("fit")
+    head_kwargs = {} if head is None else {"count_head": head.to_dict()}
+    net = hydra.utils.instantiate(cfg.model, n_genes=datamodule.n_genes, **head_kwargs)
     module = hydra.utils.instantiate(
         cfg.module,
         net=net,
