@@ -103,7 +103,7 @@ def test_report_on_a_real_sweep(sweep_dir, capsys):
     cosine, mse = report.verdicts
     assert cosine.best == by_setting["test/model/cosine/mean"].idxmax()
     assert mse.best == by_setting["test/model/mse/mean"].idxmin()
-    assert cosine.exceeds_spread is not None and f"best is {cosine.best}" in markdown
+    assert cosine.exceeds_spread is not None and f"best is **{cosine.best}**" in markdown
 
     for name in ("metrics.png", "curves.png"):
         _assert_png(sweep_dir / name)
@@ -189,22 +189,24 @@ def _table(values: dict[str, list[float]]) -> pd.DataFrame:
 
 
 def test_verdict_separates_a_real_gap_from_seed_noise():
-    clear = decide(
+    scores = {"mse": [0.40, 0.401, 0.399], "mixed_a50": [0.449, 0.452, 0.446], "cosine": [0.45, 0.451, 0.449]}
+    clear = decide(summarize(_table(scores), ["loss"]), metric="cosine")
+    assert clear.best == "loss=cosine" and [g.setting for g in clear.gaps] == ["loss=mixed_a50", "loss=mse"]
+    tie, far = clear.gaps
+    assert tie.exceeds_spread is False and clear.exceeds_spread is False  # the runner-up is within the noise
+    assert far.difference == pytest.approx(0.05) and far.pooled_sd == pytest.approx(0.001)
+    assert far.exceeds_spread is True and far.p_value < 1e-4
+    assert "no clear winner" in clear.sentence()
+    assert "Clearly behind the best: loss=mse; within its spread: loss=mixed_a50." in clear.sentence()
+
+    mse = decide(summarize(_table(scores), ["loss"]), metric="mse")
+    assert mse.best == "loss=cosine" and not mse.higher_is_better  # lowest MSE (1 - 0.45) wins
+    assert mse.runner_up.difference == pytest.approx(0.001)  # MSE 0.551 vs 0.550
+
+    two = decide(
         summarize(_table({"mse": [0.40, 0.401, 0.399], "cosine": [0.45, 0.451, 0.449]}), ["loss"]), metric="cosine"
     )
-    assert clear.best == "loss=cosine" and clear.runner_up == "loss=mse"
-    assert clear.difference == pytest.approx(0.05) and clear.pooled_sd == pytest.approx(0.001)
-    assert clear.exceeds_spread is True and "exceeds the seed-to-seed spread" in clear.sentence()
-
-    noisy = decide(
-        summarize(_table({"mse": [0.40, 0.45, 0.35], "cosine": [0.41, 0.36, 0.46]}), ["loss"]), metric="cosine"
-    )
-    assert noisy.exceeds_spread is False and "no clear winner" in noisy.sentence()
-
-    mse = decide(
-        summarize(_table({"mse": [0.40, 0.401, 0.399], "cosine": [0.45, 0.451, 0.449]}), ["loss"]), metric="mse"
-    )
-    assert mse.best == "loss=cosine" and not mse.higher_is_better  # lower MSE (1 - 0.45) wins
+    assert two.exceeds_spread is True and "the difference exceeds the seed-to-seed spread" in two.sentence()
 
     single = decide(summarize(_table({"mse": [0.40], "cosine": [0.45]}), ["loss"]), metric="cosine")
     assert single.exceeds_spread is None and "cannot tell" in single.sentence()

@@ -34,8 +34,30 @@ ALPHA = 0.05  # significance level of the Welch t-test behind "exceeds the seed-
 
 
 @dataclass(frozen=True)
+class Gap:
+    """How far one setting is behind the best, and whether that exceeds the seed-to-seed spread."""
+
+    setting: str
+    mean: float
+    sd: float
+    n: int
+    difference: float  # how much better the best is (positive)
+    pooled_sd: float  # of the best and this setting, over seeds
+    p_value: float  # Welch's t-test; nan when it cannot be computed
+
+    @property
+    def exceeds_spread(self) -> bool | None:
+        """True if the gap is larger than seed-to-seed noise (Welch p < ALPHA); None with under 2 seeds."""
+        if self.n < 2 or math.isnan(self.pooled_sd):
+            return None
+        if self.pooled_sd == 0:
+            return self.difference > 0
+        return bool(self.p_value < ALPHA)
+
+
+@dataclass(frozen=True)
 class Verdict:
-    """The best setting on one metric, the runner-up, and whether their gap exceeds the seed-to-seed spread."""
+    """The best setting on one metric and its gap to every other setting, the runner-up first."""
 
     metric: str
     stage: str
@@ -44,58 +66,49 @@ class Verdict:
     best_mean: float
     best_sd: float
     best_n: int
-    runner_up: str | None = None
-    runner_up_mean: float = math.nan
-    runner_up_sd: float = math.nan
-    runner_up_n: int = 0
-    pooled_sd: float = math.nan
-    p_value: float = math.nan
+    gaps: tuple[Gap, ...] = ()
     pca_mean: float = math.nan
 
     @property
-    def difference(self) -> float:
-        """How much better the best setting is than the runner-up (positive)."""
-        gap = self.best_mean - self.runner_up_mean
-        return gap if self.higher_is_better else -gap
+    def runner_up(self) -> Gap | None:
+        return self.gaps[0] if self.gaps else None
 
     @property
     def exceeds_spread(self) -> bool | None:
-        """True if Welch's t-test says the gap is larger than seed-to-seed noise; None if it cannot tell."""
-        if self.runner_up is None or min(self.best_n, self.runner_up_n) < 2:
-            return None
-        if self.pooled_sd == 0:
-            return self.difference > 0
-        return bool(self.p_value < ALPHA)
+        """Whether the best beats the runner-up by more than the seed-to-seed spread (None: cannot tell)."""
+        return None if self.runner_up is None else self.runner_up.exceeds_spread
 
     def sentence(self) -> str:
         """The verdict in plain words."""
         direction = "higher" if self.higher_is_better else "lower"
         name = dict(TABLE_METRICS).get(self.metric, self.metric)
         text = (
-            f"{name} ({self.stage}, {direction} is better): best is {self.best} with "
+            f"**{name}** ({self.stage}, {direction} is better): best is **{self.best}** with "
             f"{_pm(self.best_mean, self.best_sd)} over {self.best_n} seed(s)"
         )
-        if self.runner_up is None:
+        second = self.runner_up
+        if second is None:
             return text + "; it is the only setting."
-        text += f"; next is {self.runner_up} with {_pm(self.runner_up_mean, self.runner_up_sd)}. "
-        text += f"Difference {self.difference:.2g}"
-        if not math.isnan(self.pooled_sd):
-            text += f" vs pooled seed-to-seed sd {self.pooled_sd:.2g}"
-        if self.pooled_sd > 0:
-            text += f" ({self.difference / self.pooled_sd:.1f} sd, Welch t-test p = {self.p_value:.2g})"
-        exceeds = self.exceeds_spread
+        text += f"; next is {second.setting} with {_pm(second.mean, second.sd)}. Difference {second.difference:.2g}"
+        if not math.isnan(second.pooled_sd):
+            text += f" vs pooled seed-to-seed sd {second.pooled_sd:.2g}"
+        if second.pooled_sd > 0:
+            text += f" ({second.difference / second.pooled_sd:.1f} sd, Welch t-test p = {second.p_value:.2g})"
+        exceeds = second.exceeds_spread
         if exceeds is None:
             text += ": cannot tell with fewer than 2 seeds per setting."
         elif exceeds:
-            text += ": the difference exceeds the seed-to-seed spread."
+            text += ": **the difference exceeds the seed-to-seed spread**."
         else:
-            text += ": within the seed-to-seed spread, no clear winner."
+            text += ": within the seed-to-seed spread, **no clear winner**."
+        tied = [g.setting for g in self.gaps if g.exceeds_spread is False]
+        behind = [g.setting for g in self.gaps if g.exceeds_spread]
+        if len(self.gaps) > 1 and (tied or behind):
+            text += f" Clearly behind the best: {', '.join(behind) or 'none'}; within its spread: {', '.join(tied) or 'none'}."
         if not math.isnan(self.pca_mean):
             gap = self.best_mean - self.pca_mean
             better = gap > 0 if self.higher_is_better else gap < 0
-            text += (
-                f" PCA on the same cells: {self.pca_mean:.4f} ({'beaten' if better else 'not beaten'} by {gap:+.4f})."
-            )
+            text += f" PCA on the same cells: {self.pca_mean:.4f}; the best setting is {abs(gap):.2g} {'better' if better else 'worse'}."
         return text
 
 
@@ -141,7 +154,7 @@ def summarize(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
 
 
 def decide(summary: pd.DataFrame, *, metric: str, stage: Stage = "test") -> Verdict:
-    """Rank the settings on ``{stage}/model/{metric}`` and test the best against the runner-up."""
+    """Rank the settings on ``{stage}/model/{metric}`` and test the best against every other setting."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     col = f"{stage}/model/{metric}"
@@ -160,24 +173,22 @@ def decide(summary: pd.DataFrame, *, metric: str, stage: Stage = "test") -> Verd
         "best_n": int(best["n_runs"]),
         "pca_mean": float(best.get(f"{stage}/pca/{metric}/mean", math.nan)),
     }
-    if len(ranked) == 1:
-        return Verdict(**common)
-    second = ranked.iloc[1]
-    m1, s1, n1 = common["best_mean"], common["best_sd"], common["best_n"]
-    m2, s2, n2 = float(second[f"{col}/mean"]), float(second[f"{col}/sd"]), int(second["n_runs"])
-    pooled = math.sqrt(((n1 - 1) * s1**2 + (n2 - 1) * s2**2) / (n1 + n2 - 2)) if n1 + n2 > 2 else math.nan
+    gaps = tuple(_gap(best, other, col=col, higher_is_better=higher) for _, other in ranked.iloc[1:].iterrows())
+    return Verdict(**common, gaps=gaps)
+
+
+def _gap(best: pd.Series, other: pd.Series, *, col: str, higher_is_better: bool) -> Gap:
+    """Difference of means, pooled sd and Welch's t-test between the best setting and another."""
+    m1, s1, n1 = float(best[f"{col}/mean"]), float(best[f"{col}/sd"]), int(best["n_runs"])
+    m2, s2, n2 = float(other[f"{col}/mean"]), float(other[f"{col}/sd"]), int(other["n_runs"])
+    pooled = math.nan
+    if min(n1, n2) >= 2:
+        pooled = math.sqrt(((n1 - 1) * s1**2 + (n2 - 1) * s2**2) / (n1 + n2 - 2))
     p_value = math.nan
-    if min(n1, n2) >= 2 and pooled > 0:
+    if pooled > 0:
         p_value = float(stats.ttest_ind_from_stats(m1, s1, n1, m2, s2, n2, equal_var=False).pvalue)
-    return Verdict(
-        **common,
-        runner_up=second["setting"],
-        runner_up_mean=m2,
-        runner_up_sd=s2,
-        runner_up_n=n2,
-        pooled_sd=pooled,
-        p_value=p_value,
-    )
+    difference = m1 - m2 if higher_is_better else m2 - m1
+    return Gap(other["setting"], m2, s2, n2, difference=difference, pooled_sd=pooled, p_value=p_value)
 
 
 def markdown_table(summary: pd.DataFrame) -> str:

@@ -102,7 +102,8 @@ def metrics_table(runs: list[Run]) -> pd.DataFrame:
     for run in runs:
         if not run.finished:
             continue
-        row: dict[str, Any] = {"run": run.name, "seed": run.config.get("seed"), **run.overrides}
+        row: dict[str, Any] = {"run": run.name, "seed": run.config.get("seed")}  # the seed as a number
+        row.update({k: v for k, v in run.overrides.items() if k not in row})
         row["latent_dim"] = run.metrics.get("latent_dim")  # also the PCA baseline's number of components
         row["epochs_trained"] = run.metrics.get("epochs_trained")
         for stage in STAGES:
