@@ -250,6 +250,8 @@ def compare(sweep_dir: str | Path, *, seed_key: str = "seed", stage: Stage = "te
         files.append(sweep_plots.metrics_figure(table, summary, keys, path=sweep_dir / "metrics.png"))
         if not curves.empty:
             files.append(sweep_plots.curves_figure(curves, summary, path=sweep_dir / "curves.png"))
+        else:  # never leave an earlier report's curves next to this report's table
+            (sweep_dir / "curves.png").unlink(missing_ok=True)
     markdown = _markdown(sweep_dir, summary, keys, verdicts, failed, stage=stage)
     files.insert(2, rundir.write_text_atomic(sweep_dir / "summary.md", markdown + "\n"))
     return Report(sweep_dir, keys, table, summary, failed, verdicts, markdown, files)
