@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -11,9 +12,18 @@ from torch import nn
 
 from exprae.baselines import Baselines
 from exprae.constants import TARGET_KEY, X_KEY
+from exprae.fast_step import (
+    TrainStep,
+    build_optimizer,
+    check_compile_mode,
+    count_optimizer_step,
+    step_epoch_schedulers,
+)
 from exprae.losses import ReconstructionLoss, reduce_per_cell
 from exprae.metrics import ReconstructionMetrics
 from exprae.nn import AutoEncoder
+
+log = logging.getLogger(__name__)
 
 EVAL_STAGES = ("val", "test")
 SCORED = ("model", "mean", "pca")  # the model and the two baselines, scored on the same cells
@@ -36,6 +46,7 @@ class AutoencoderModule(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         scheduler_monitor: str = "val/loss",
         baselines: bool = True,
+        compile: str = "none",
     ) -> None:
         super().__init__()
         self.net = net
@@ -44,6 +55,10 @@ class AutoencoderModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_monitor = scheduler_monitor
         self.with_baselines = baselines
+        # none | model (torch.compile) | graph (whole step in a CUDA graph, manual optimization): see fast_step.
+        self.compile_mode = check_compile_mode(compile)
+        self.automatic_optimization = self.compile_mode != "graph"
+        self._train_step: TrainStep | None = None
         # Baselines are needed for the PCA start even when they are not reported.
         self.baselines = Baselines(net.n_genes, net.latent_dim)
         self.metrics = nn.ModuleDict(
@@ -62,7 +77,18 @@ class AutoencoderModule(pl.LightningModule):
             self.net.init_from_pca(self.baselines.mean_g, self.baselines.components_kg)
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
+        graph = self.compile_mode == "graph"
+        if graph:
+            self._check_graph_supported()
+        optimizer = build_optimizer(
+            self.optimizer_factory,
+            self.parameters(),
+            device=self.device,
+            capturable=graph and self.device.type == "cuda",
+        )
+        if self.compile_mode == "model":
+            self.net.compile()  # compiles forward in place; parameter names (checkpoints) are unchanged
+        self._train_step = None  # a new optimizer needs a new capture
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
@@ -80,12 +106,13 @@ class AutoencoderModule(pl.LightningModule):
         """The configured loss of each cell in the batch."""
         return self.loss.per_cell(out["recon"], batch[TARGET_KEY])
 
-    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str, *, log_loss: bool = True) -> torch.Tensor:
         out = self(batch[X_KEY])
         loss_n = self.loss_per_cell(out, batch)
         loss = reduce_per_cell(loss_n, None, self.loss.reduction)
         if stage == "train":
-            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(loss_n))
+            if log_loss:
+                self._log_train_loss(loss, len(loss_n))
             return loss
         target = batch[TARGET_KEY]
         self.metrics[f"{stage}_model"].update(out["recon"], target, loss_n)
@@ -94,8 +121,44 @@ class AutoencoderModule(pl.LightningModule):
                 self.metrics[f"{stage}_{who}"].update(recon, target, self.loss.per_cell(recon, target))
         return loss
 
+    def _log_train_loss(self, loss: torch.Tensor, n_cells: int) -> None:
+        # Logged every step but read back to the host only every log_every_n_steps. On CUDA it stays off the
+        # progress bar, which would read it back (a sync that stalls the kernel queue) every step.
+        on_bar = self.device.type != "cuda"
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=on_bar, batch_size=n_cells)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        if self.automatic_optimization:
+            return self._shared_step(batch, "train")
+        if self._train_step is None:
+            self._train_step = TrainStep(
+                lambda b: self._shared_step(b, "train", log_loss=False),
+                self.optimizers().optimizer,
+                graph=True,
+                backward=self.manual_backward,
+            )
+            if self.device.type != "cuda":
+                log.info("module.compile=graph: CUDA graphs need a CUDA device; running the same step eagerly")
+        loss = self._train_step(batch)
+        count_optimizer_step(self.trainer)
+        self._log_train_loss(loss, batch[X_KEY].shape[0])
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        if not self.automatic_optimization:
+            step_epoch_schedulers(self.lr_schedulers(), self.trainer.callback_metrics, monitor=self.scheduler_monitor)
+
+    def _check_graph_supported(self) -> None:
+        trainer = self.trainer
+        if trainer.world_size > 1:
+            raise ValueError(
+                "module.compile=graph captures a single-device step; with several devices use compile=none or model"
+            )
+        if str(trainer.precision).startswith("16"):
+            raise ValueError(
+                f"module.compile=graph does not support precision={trainer.precision} (its grad scaler checks for "
+                "infs on the host every step); use bf16-mixed or 32-true"
+            )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")
