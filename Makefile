@@ -11,7 +11,7 @@ ARGS ?=
 SWEEP ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format tensorboard clean
+.PHONY: help install train test test-fast lint format tensorboard clean bench
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,11 @@ lint: $(STAMP) ## ruff lint + format check
 format: $(STAMP) ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix src tests scripts
 	$(VENV)/bin/ruff format src tests scripts
+
+BENCH_ARGS ?=
+bench: $(STAMP) ## training-speed table: exprae vs a per-cell DataLoader vs scvi-tools (GPU sizes on a GPU; BENCH_ARGS="--sizes 1e5x2000")
+	$(PY) -m pip install -q -e ".[bench]" "$(TORCH_SPEC)" || echo "scvi-tools could not be installed; the table will skip it"
+	$(PY) scripts/bench_train.py --out bench $(BENCH_ARGS)
 
 tensorboard: $(STAMP) ## open TensorBoard on every run under outputs/ and multirun/
 	$(VENV)/bin/tensorboard --logdir . --bind_all
