@@ -10,7 +10,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from exprae.datasets import synthetic_counts_sparse
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
+
+
+def test_sparse_generator_is_seeded_sparse_and_thread_independent():
+    a = synthetic_counts_sparse(3000, 2000, seed=4, chunk_cells=700)
+    b = synthetic_counts_sparse(3000, 2000, seed=4, chunk_cells=700, n_threads=1)
+    assert a.shape == (3000, 2000) and a.X.dtype == "float32" and a.X.format == "csr"
+    assert (a.X != b.X).nnz == 0
+    assert 0.07 < a.X.nnz / (3000 * 2000) < 0.13  # ~10% non-zero, as the benchmark sizes promise
+    assert a.obs["cell_type"].nunique() == 8 and (a.X.data == a.X.data.round()).all()
+    assert (synthetic_counts_sparse(3000, 2000, seed=5, chunk_cells=700).X != a.X).nnz > 0
 
 
 @pytest.mark.slow

@@ -111,18 +111,20 @@ def synthetic_counts_sparse(
     library_spread: float = 0.5,
     dispersion: float = 5.0,
     seed: int = 0,
-    chunk_cells: int = 8192,
+    chunk_cells: int | None = None,
     n_threads: int | None = None,
 ) -> ad.AnnData:
     """Atlas-scale seeded NB counts straight into CSR: the linear model of :func:`synthetic_counts`, no truth.
 
-    Cells are drawn in chunks, each from its own child of ``seed`` (so the result does not depend on
-    ``n_threads``), in parallel threads (numpy's samplers release the GIL); memory stays near the CSR's own.
+    Cells are drawn in chunks, each from its own child of ``seed`` (so the result depends on ``chunk_cells``
+    but not on ``n_threads``), in parallel threads (numpy's samplers release the GIL); memory stays near the CSR's own
+    (a chunk has ~2^23 entries unless ``chunk_cells`` says otherwise).
     The draws differ from :func:`synthetic_counts` for the same seed. The default ``library_mean`` gives ~10%
     non-zero entries at 2,000 genes.
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    chunk_cells = chunk_cells or max(64, 2**23 // n_genes)
     if n_cells < 1 or n_genes < 1 or n_types < 1 or chunk_cells < 1:
         raise ValueError(f"synthetic data needs positive sizes, got cells={n_cells} genes={n_genes} types={n_types}")
     rng = np.random.default_rng(seed)
