@@ -157,3 +157,20 @@ def test_graph_mode_on_gpu_through_the_entry_point(compose_cfg):
     eager = _run(compose_cfg, *common, fast=False)
     graph = _run(compose_cfg, *common, "module.compile=graph", fast=False)
     assert graph["val"]["model"]["cosine"] == pytest.approx(eager["val"]["model"]["cosine"], abs=5e-3)
+
+
+def test_graph_mode_counts_optimizer_steps(compose_cfg):
+    """Steps taken outside LightningOptimizer.step still advance global_step (max_steps, checkpoint names)."""
+    import hydra
+
+    from exprae.train import build
+
+    cfg = compose_cfg(
+        "data=synthetic", "data.synthetic.n_cells=300", "data.synthetic.n_genes=40", "module.compile=graph"
+    )
+    datamodule, module = build(cfg)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, max_epochs=5, max_steps=7, limit_val_batches=1, logger=False, enable_checkpointing=False
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 7 and not module.automatic_optimization
