@@ -387,6 +387,7 @@ def bench_one(path: str, adata: Any, dm: ExpressionDataModule, s: Setting, basel
     if warm_clock.train_s:
         cells = warm_clock.cells[-1]
         _RATES[(path, s.n_cells, s.n_genes, s.batch_size)] = cells / max(warm_clock.train_s[-1], 1e-9)
+    dm._resident.clear()  # the warm-up's upload must not count in the measured run's peak
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
