@@ -70,7 +70,10 @@ def _losses(net, batches, *, graph: bool, device: torch.device, autocast: torch.
     )
 
     def loss_fn(b):
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        # cache_enabled=False: autocast's weight-cast cache must not outlive a graph capture (Lightning does the same).
+        with torch.autocast(
+            device.type, dtype=autocast or torch.float32, enabled=autocast is not None, cache_enabled=False
+        ):
             return loss(net(b[X_KEY])["recon"], b[TARGET_KEY])
 
     step = TrainStep(loss_fn, opt, graph=graph)
