@@ -12,7 +12,8 @@ SWEEP ?=
 EXPERIMENT ?= loss_sweep
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-launchers train sweep compare test test-fast lint format tensorboard clean
+
+.PHONY: help install install-launchers train sweep compare test test-fast lint format tensorboard bench clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -51,6 +52,11 @@ lint: $(STAMP) ## ruff lint + format check
 format: $(STAMP) ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix src tests scripts
 	$(VENV)/bin/ruff format src tests scripts
+
+BENCH_ARGS ?=
+bench: $(STAMP) ## training-speed table: exprae vs a per-cell DataLoader vs scvi-tools (GPU sizes on a GPU; BENCH_ARGS="--sizes 1e5x2000")
+	$(PY) -m pip install -q -e ".[bench]" "$(TORCH_SPEC)" || echo "scvi-tools could not be installed; the table will skip it"
+	$(PY) scripts/bench_train.py --out bench $(BENCH_ARGS)
 
 tensorboard: $(STAMP) ## open TensorBoard on every run under outputs/ and multirun/
 	$(VENV)/bin/tensorboard --logdir . --bind_all

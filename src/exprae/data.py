@@ -335,6 +335,7 @@ class ExpressionDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         synthetic: dict[str, Any] | None = None,
+        on_device: str | bool = "auto",
     ) -> None:
         super().__init__()
         if (dataset is None) == (path is None):
@@ -350,6 +351,10 @@ class ExpressionDataModule(pl.LightningDataModule):
         self.stratify_key, self.label_key = stratify_key, label_key
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.synthetic = dict(synthetic or {})
+        from exprae.device_data import check_on_device
+
+        self.on_device = check_on_device(on_device)  # train/val batches made on the device: see device_data
+        self._resident: dict[tuple[str, str], Any] = {}  # (split, device) -> DeviceBatches, uploaded once
         self.adata: ad.AnnData | None = None  # preprocessed, all cells
         self.splits: dict[str, np.ndarray] = {}
         self.label_categories: list[str] | None = None
@@ -498,7 +503,7 @@ class ExpressionDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def _loader(self, split: str, *, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, *, shuffle: bool, resident: bool = False) -> DataLoader:
         data = self.split_dataset(split)
         world, rank = self._rank_info()
         sampler = CellBatchSampler(
@@ -509,13 +514,24 @@ class ExpressionDataModule(pl.LightningDataModule):
             num_replicas=world if shuffle else 1,
             rank=rank if shuffle else 0,
         )
+        if resident:
+            from exprae.device_data import DeviceBatches, resident_nbytes, use_device_path
+
+            trainer = getattr(self, "trainer", None)
+            device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+            if use_device_path(self.on_device, device=device, nbytes=resident_nbytes(data)):
+                key = (split, str(device))
+                if key not in self._resident:
+                    self._resident[key] = DeviceBatches.from_dataset(data, sampler=sampler, device=device)
+                self._resident[key].sampler = sampler
+                return self._resident[key]
         return batch_loader(data, sampler, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", shuffle=True, resident=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val", shuffle=False, resident=True)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)

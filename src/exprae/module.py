@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -12,9 +13,18 @@ from torch import nn
 from exprae.baselines import Baselines
 from exprae.constants import LIBRARY_KEY, SIZE_FACTOR_KEY, TARGET_KEY, TRUTH_KEY, X_KEY
 from exprae.counts import InputView, count_parameters, expected_counts
+from exprae.fast_step import (
+    TrainStep,
+    build_optimizer,
+    check_compile_mode,
+    count_optimizer_step,
+    step_epoch_schedulers,
+)
 from exprae.losses import CountNLL, ReconstructionLoss, reduce_per_cell
 from exprae.metrics import ReconstructionMetrics
 from exprae.nn import AutoEncoder
+
+log = logging.getLogger(__name__)
 
 EVAL_STAGES = ("val", "test")
 SCORED = ("model", "mean", "pca")  # the model and the two baselines, scored on the same cells
@@ -45,6 +55,7 @@ class AutoencoderModule(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         scheduler_monitor: str = "val/loss",
         baselines: bool = True,
+        compile: str = "none",
     ) -> None:
         super().__init__()
         self.net = net
@@ -63,6 +74,10 @@ class AutoencoderModule(pl.LightningModule):
             raise ValueError(f"the network's count head {net.count_head.spec} differs from the loss's {loss.head}")
         # Maps expected counts into the input representation; buffers, so it travels with the checkpoint.
         self.input_view = InputView(net.n_genes) if self.count_loss else None
+        # none | model (torch.compile) | graph (whole step in a CUDA graph, manual optimization): see fast_step.
+        self.compile_mode = check_compile_mode(compile)
+        self.automatic_optimization = self.compile_mode != "graph"
+        self._train_step: TrainStep | None = None
         # Baselines are needed for the PCA start even when they are not reported.
         self.baselines = Baselines(net.n_genes, net.latent_dim)
         self.metrics = nn.ModuleDict(
@@ -88,7 +103,18 @@ class AutoencoderModule(pl.LightningModule):
             self.net.count_head.init_library(library_n.clamp_min(1.0).log().mean())
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
+        graph = self.compile_mode == "graph"
+        if graph:
+            self._check_graph_supported()
+        optimizer = build_optimizer(
+            self.optimizer_factory,
+            self.parameters(),
+            device=self.device,
+            capturable=graph and self.device.type == "cuda",
+        )
+        if self.compile_mode == "model":
+            self.net.compile()  # compiles forward in place; parameter names (checkpoints) are unchanged
+        self._train_step = None  # a new optimizer needs a new capture
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
@@ -114,12 +140,13 @@ class AutoencoderModule(pl.LightningModule):
             return out["recon"]
         return self.input_view(expected_counts(count_parameters(out, batch)), batch.get(SIZE_FACTOR_KEY))
 
-    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str, *, log_loss: bool = True) -> torch.Tensor:
         out = self(batch[X_KEY])
         loss_n = self.loss_per_cell(out, batch)
         loss = reduce_per_cell(loss_n, None, self.loss.reduction)
         if stage == "train":
-            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(loss_n))
+            if log_loss:
+                self._log_train_loss(loss, len(loss_n))
             return loss
         # Count likelihoods fit raw counts; their metrics (and the baselines') are taken in the input's space.
         target = batch[X_KEY] if self.count_loss else batch[TARGET_KEY]
@@ -136,8 +163,44 @@ class AutoencoderModule(pl.LightningModule):
                     self.truth_metrics[f"{stage}_{who}"].update(baseline_recon, truth)
         return loss
 
+    def _log_train_loss(self, loss: torch.Tensor, n_cells: int) -> None:
+        # Logged every step but read back to the host only every log_every_n_steps. On CUDA it stays off the
+        # progress bar, which would read it back (a sync that stalls the kernel queue) every step.
+        on_bar = self.device.type != "cuda"
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=on_bar, batch_size=n_cells)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        if self.automatic_optimization:
+            return self._shared_step(batch, "train")
+        if self._train_step is None:
+            self._train_step = TrainStep(
+                lambda b: self._shared_step(b, "train", log_loss=False),
+                self.optimizers().optimizer,
+                graph=True,
+                backward=self.manual_backward,
+            )
+            if self.device.type != "cuda":
+                log.info("module.compile=graph: CUDA graphs need a CUDA device; running the same step eagerly")
+        loss = self._train_step(batch)
+        count_optimizer_step(self.trainer)
+        self._log_train_loss(loss, batch[X_KEY].shape[0])
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        if not self.automatic_optimization:
+            step_epoch_schedulers(self.lr_schedulers(), self.trainer.callback_metrics, monitor=self.scheduler_monitor)
+
+    def _check_graph_supported(self) -> None:
+        trainer = self.trainer
+        if trainer.world_size > 1:
+            raise ValueError(
+                "module.compile=graph captures a single-device step; with several devices use compile=none or model"
+            )
+        if str(trainer.precision).startswith("16"):
+            raise ValueError(
+                f"module.compile=graph does not support precision={trainer.precision} (its grad scaler checks for "
+                "infs on the host every step); use bf16-mixed or 32-true"
+            )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")
