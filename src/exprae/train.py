@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from exprae import rundir
 from exprae.data import ExpressionDataModule
+from exprae.hparams import log_final_hparams
 from exprae.module import AutoencoderModule
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,13 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
 
 def build(cfg: DictConfig) -> tuple[ExpressionDataModule, AutoencoderModule]:
     """Instantiate the datamodule (set up, so the gene count is known) and the LightningModule from ``cfg``."""
-    datamodule: ExpressionDataModule = hydra.utils.instantiate(cfg.data)
-    datamodule.setup("fit")
-    net = hydra.utils.instantiate(cfg.model, n_genes=datamodule.n_genes)
     loss = hydra.utils.instantiate(cfg.loss)
+    # A count likelihood declares the output head it needs; its target is raw counts, not the preprocessed input.
+    head = getattr(loss, "head", None)
+    datamodule: ExpressionDataModule = hydra.utils.instantiate(cfg.data, count_target=head is not None)
+    datamodule.setup("fit")
+    head_kwargs = {} if head is None else {"count_head": head.to_dict()}
+    net = hydra.utils.instantiate(cfg.model, n_genes=datamodule.n_genes, **head_kwargs)
     aux = cfg.get("aux") or {}
     aux_loss = hydra.utils.instantiate(aux["loss"]) if aux.get("loss") else None
     if aux_loss is not None and datamodule.label_key is None:
@@ -117,8 +121,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "test": _stage_metrics(test, "test"),
     }
     rundir.write_json(out_dir / rundir.METRICS_FILE, metrics)
-    for lg in trainer.loggers:
-        lg.log_hyperparams(_flat_hparams(cfg), {f"hp/test_{k}": v for k, v in metrics["test"]["model"].items()})
+    log_final_hparams(
+        trainer.loggers,
+        _flat_hparams(cfg),
+        {f"hp/test_{k}": v for k, v in metrics["test"]["model"].items()},
+        step=trainer.global_step,
+    )
     print(f"\nexprae run {out_dir}\n{format_report(metrics)}\n")
     return metrics
 
