@@ -124,3 +124,21 @@ def test_triplet_aux_term_improves_latent_knn_accuracy_on_pbmc68k(compose_cfg):
     assert sum(gains) / 2 >= 0.03, gains  # measured: +0.048 (val) and +0.038 (test)
     # The latent term does not cost reconstruction quality.
     assert with_aux["val"]["model"]["cosine"] >= plain["val"]["model"]["cosine"] - 0.01
+
+
+def test_aux_term_runs_in_graph_mode_on_cpu(compose_cfg):
+    """Graph mode's manual-optimization step carries the aux term; on CPU it runs eagerly (CUDA: the gpu test)."""
+    overrides = ["aux=triplet_cosine", "aux.label_key=bulk_labels", "module.compile=graph", "trainer.fast_dev_run=true"]
+    metrics = train(compose_cfg(*overrides, "callbacks=none", "logger=none"))
+    assert 0.0 <= metrics["val"]["model"]["knn_accuracy"] <= 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_aux_term_inside_a_captured_cuda_graph(compose_cfg):
+    common = ["trainer=gpu", "aux=triplet_cosine", "aux.label_key=bulk_labels", "callbacks=none", "logger=none"]
+    common += ["trainer.max_epochs=3", "data.batch_size=64", "model.dropout=0"]
+    graphed = train(compose_cfg(*common, "module.compile=graph"))
+    eager = train(compose_cfg(*common, "module.compile=none"))
+    assert graphed["val"]["model"]["loss"] == pytest.approx(eager["val"]["model"]["loss"], rel=2e-2)
+    assert graphed["val"]["model"]["knn_accuracy"] == pytest.approx(eager["val"]["model"]["knn_accuracy"], abs=0.05)
