@@ -18,7 +18,9 @@ import contextlib
 import fcntl
 import os
 import socket
+import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -132,14 +134,19 @@ class RunDirGuard(HydraCallback):
     """Hydra callback: claim the run directory before Hydra writes its config there, drop it at the end."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from exprae.errors import CLIError, ExpraeError
+        from exprae.errors import ExpraeError
         from exprae.resume import resolve_ckpt_path
 
         out_dir = OmegaConf.select(config, "hydra.run.dir")
         try:
             acquire(out_dir, resume=resolve_ckpt_path(config.get("ckpt_path"), out_dir) is not None)
         except ExpraeError as e:
-            raise CLIError(str(e)) from e
+            # Hydra turns an exception from a callback into a warning and carries on (writing .hydra/ into
+            # the directory another run owns), so exit here, the way Hydra reports a user error.
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for tracebacks
+                traceback.print_exc()
+            sys.stderr.write(f"exprae-train: {e}\n")
+            raise SystemExit(1) from None
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         release(OmegaConf.select(config, "hydra.run.dir"))
