@@ -99,20 +99,23 @@ class DivergenceGuard(Callback):
         )
 
 
-class EpochSeed(Callback):
-    """Reseed torch at the start of every training epoch from ``(seed, epoch, rank)``.
+class BatchSeed(Callback):
+    """Reseed torch before every training batch from ``(seed, epoch, batch, rank)``.
 
-    Dropout masks then depend only on the epoch, not on how many random numbers were drawn before it, so a
-    run resumed from an epoch-end checkpoint continues exactly as the uninterrupted run would have (the
-    per-epoch reseeding fairseq uses for the same reason). ``seed=None`` leaves torch's RNG alone.
+    Dropout masks then depend only on where the batch is in training, not on how many random numbers were
+    drawn before it (Lightning draws some when it builds data iterators and runs a sanity check, and a
+    resumed run does that at other moments than an uninterrupted one). So a run resumed from a checkpoint
+    continues exactly as the uninterrupted run would have. ``seed=None`` leaves torch's RNG alone.
     """
 
     def __init__(self, seed: int | None = None) -> None:
         super().__init__()
         self.seed = None if seed is None else int(seed)
 
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.seed is None:
             return
-        entropy = [self.seed, trainer.current_epoch, trainer.global_rank]
+        entropy = [self.seed, trainer.current_epoch, batch_idx, trainer.global_rank]
         torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1))
