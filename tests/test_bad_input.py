@@ -347,3 +347,19 @@ def test_missing_data_file_is_typed(compose_cfg, tmp_path):
     """The API raises a FileNotFoundError subclass, so existing ``except FileNotFoundError`` code still works."""
     err = refused(compose_cfg("data=h5ad", f"data.path={tmp_path / 'x.h5ad'}"), DataFileNotFoundError, "does not exist")
     assert isinstance(DataFileNotFoundError(err), FileNotFoundError)
+
+
+def test_optimizer_setting_rejected_before_any_output(compose_cfg):
+    refused(compose_cfg("optimizer.lr=-1.0"), ConfigError, "optimizer/scheduler settings were rejected", "-1.0")
+
+
+def test_batch_size_zero(compose_cfg):
+    refused(compose_cfg("data.batch_size=0"), ConfigError, "data.batch_size must be >= 1")
+
+
+def test_seed_of_the_wrong_type(compose_cfg):
+    refused(compose_cfg("seed=abc"), ConfigError, "seed='abc' is not valid")
+
+
+def test_unknown_hvg_flavor_lists_choices(compose_cfg):
+    refused(compose_cfg("data.preprocess.hvg_flavor=seurat3"), ConfigError, "hvg_flavor='seurat3'", "'seurat_v3'")

@@ -370,6 +370,10 @@ class ExpressionDataModule(pl.LightningDataModule):
             seed=self.split_seed,
             stratify=None if self.stratify_key is None else adata.obs[self.stratify_key].to_numpy(),
         )
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ConfigError(
+                f"data.batch_size must be >= 1 and data.num_workers >= 0, got {self.batch_size} and {self.num_workers}"
+            )
         if self.batch_size > len(self.splits["train"]):
             raise ConfigError(
                 f"data.batch_size={self.batch_size} is larger than the {len(self.splits['train'])} training cells"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -25,7 +25,7 @@ class Preprocessing:
     normalize_total: float | None = None  # target sum per cell (e.g. 1e4); None: off
     log1p: bool = False
     n_top_genes: int | None = None  # highly variable genes kept; None: all genes
-    hvg_flavor: str = "seurat"
+    hvg_flavor: Literal["seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper"] = "seurat"  # scanpy's flavors
     scale: bool = False  # zero mean, unit variance per gene (train-cell statistics)
     max_value: float | None = None  # clip after scaling, as sc.pp.scale
     genes: list[str] | None = field(default=None, repr=False)  # fitted: genes kept

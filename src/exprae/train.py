@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from exprae import rundir, runguard
 from exprae.data import ExpressionDataModule
-from exprae.errors import CLIError, ExpraeError
+from exprae.errors import CLIError, ConfigError, ExpraeError
 from exprae.module import AutoencoderModule
 from exprae.resume import check_resume, resolve_ckpt_path
 from exprae.validate import check_config, check_sizes
@@ -111,6 +111,10 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
     if not loggers:  # LearningRateMonitor refuses to run without a logger; with logger=none there is nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:  # a bad optimizer or scheduler setting (optimizer.lr=-1) fails here, before any file is written
+        module.configure_optimizers()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"the optimizer/scheduler settings were rejected: {e}") from e
     if ckpt_path is not None:
         check_resume(ckpt_path, module=module, contract=datamodule.contract(), out_dir=out_dir)
 

@@ -26,6 +26,9 @@ _UNKNOWN = object()  # a hint this module does not judge
 
 def check_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the first config value whose type its target does not accept."""
+    seed = cfg.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigError(f"seed={seed!r} is not valid: expects int or null")
     for path, node in _target_nodes(cfg, ""):
         _check_node(path, node)
 
