@@ -363,3 +363,7 @@ def test_seed_of_the_wrong_type(compose_cfg):
 
 def test_unknown_hvg_flavor_lists_choices(compose_cfg):
     refused(compose_cfg("data.preprocess.hvg_flavor=seurat3"), ConfigError, "hvg_flavor='seurat3'", "'seurat_v3'")
+
+
+def test_unknown_builtin_dataset_lists_choices(compose_cfg):
+    refused(compose_cfg("data.dataset=pbmc"), ConfigError, "unknown built-in dataset 'pbmc'", "'pbmc68k', 'synthetic'")
