@@ -26,6 +26,7 @@ from exprae.constants import (
     X_KEY,
 )
 from exprae.datasets import load_builtin
+from exprae.errors import ConfigError, DataError, DataFileNotFoundError, MissingKeyError
 from exprae.preprocessing import Preprocessing
 
 SPLITS = ("train", "val", "test")
@@ -42,17 +43,34 @@ def read_h5ad(path: str | Path) -> ad.AnnData:
     """Read an ``.h5ad`` file, turning a missing, foreign or corrupt file into an error that names it."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"data file {path} does not exist")
+        raise DataFileNotFoundError(f"data file {path} does not exist")
     if path.is_dir():
-        raise ValueError(f"data path {path} is a directory, expected an .h5ad file")
+        raise DataError(f"data path {path} is a directory, expected an .h5ad file")
     with path.open("rb") as f:
         magic = f.read(8)
     if magic != b"\x89HDF\r\n\x1a\n":
-        raise ValueError(f"{path} is not an .h5ad file (not HDF5); write one with adata.write_h5ad()")
+        raise DataError(f"{path} is not an .h5ad file (not HDF5); write one with adata.write_h5ad()")
     try:
         return ad.read_h5ad(path)
     except Exception as e:  # h5py/anndata raise many types for truncated or damaged files
-        raise ValueError(f"{path} could not be read as AnnData (truncated or corrupt?): {e}") from e
+        keys = _hdf5_keys(path)
+        if keys is not None and not {"X", "obs", "var"} <= set(keys):
+            raise DataError(
+                f"{path} is an HDF5 file but not an AnnData .h5ad (top-level keys {keys[:8]}); a 10x Genomics "
+                ".h5 is read with scanpy.read_10x_h5() and saved with adata.write_h5ad()"
+            ) from e
+        raise DataError(f"{path} could not be read as AnnData (truncated or corrupt?): {e}") from e
+
+
+def _hdf5_keys(path: Path) -> list[str] | None:
+    """Top-level keys of an HDF5 file, or None if it cannot even be opened."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return list(f.keys())
+    except Exception:
+        return None
 
 
 def select_matrix(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
@@ -66,10 +84,10 @@ def select_matrix(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
         )
     if layer == "raw":
         if adata.raw is None:
-            raise ValueError("data.layer='raw' was requested but this AnnData has no .raw")
+            raise DataError("data.layer='raw' was requested but this AnnData has no .raw")
         return ad.AnnData(X=adata.raw.X, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.raw.var_names.copy()))
     if layer not in adata.layers:
-        raise KeyError(
+        raise MissingKeyError(
             f"layer {layer!r} not found; available layers: {list(adata.layers) or 'none'} "
             "(or use data.layer=X / data.layer=raw)"
         )
@@ -107,7 +125,7 @@ def check_matrix(
         cells = list(dict.fromkeys(np.asarray(obs_names)[rows[:50]]))[:3]
         genes = list(dict.fromkeys(np.asarray(var_names)[cols[:50]]))[:3]
         hint = " (log1p/normalize_total need non-negative values)" if label == "negative" else ""
-        raise ValueError(
+        raise DataError(
             f"{what} has {int(mask.sum())} {label} values{hint}, in {len(np.unique(rows))} cells and "
             f"{len(np.unique(cols))} genes; first cells {cells}, first genes {genes}"
         )
@@ -131,7 +149,7 @@ def check_counts(x: np.ndarray | sp.spmatrix, *, obs_names: Sequence[str], var_n
         else:
             rows, cols = np.nonzero(mask)
         example = values[mask][0]
-        raise ValueError(
+        raise DataError(
             f"{what} has {int(mask.sum())} {label} values (e.g. {example:g} in cell {np.asarray(obs_names)[rows[0]]!r}, "
             f"gene {np.asarray(var_names)[cols[0]]!r}); count likelihoods (poisson, nb, zinb) need raw integer "
             "counts: point data.target_layer at a layer of raw counts (e.g. data.target_layer=counts), or use an "
@@ -143,8 +161,9 @@ def _row_sums(x: np.ndarray | sp.spmatrix) -> np.ndarray:
     return np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
 
 
-def _row_nnz(x: np.ndarray | sp.spmatrix) -> np.ndarray:
-    return np.diff(sp.csr_matrix(x).indptr) if sp.issparse(x) else (np.asarray(x) != 0).sum(axis=1)
+def _all_zero(x: np.ndarray | sp.spmatrix, *, axis: int) -> np.ndarray:
+    """Rows (axis=1) or columns (axis=0) whose entries are all zero, explicit stored zeros included."""
+    return np.asarray(abs(x).sum(axis=axis)).ravel() == 0
 
 
 # ---------------------------------------------------------------- splitting
@@ -156,15 +175,15 @@ def split_cells(
     """Seeded train/val/test row indices (sorted); stratified by ``stratify`` labels when given."""
     for name, f in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0.0 < f < 1.0:
-            raise ValueError(f"data.{name} must lie in (0, 1), got {f}")
+            raise ConfigError(f"data.{name} must lie in (0, 1), got {f}")
     if val_fraction + test_fraction >= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no training cells"
         )
     n_val, n_test = round(n_cells * val_fraction), round(n_cells * test_fraction)
     n_train = n_cells - n_val - n_test
     if min(n_val, n_test) < 1 or n_train < 2:
-        raise ValueError(
+        raise DataError(
             f"{n_cells} cells are too few for the split val={val_fraction}, test={test_fraction}: it gives "
             f"{n_train} train, {n_val} val, {n_test} test cells (each set needs cells; train at least 2)"
         )
@@ -208,7 +227,7 @@ class CellBatchSampler(Sampler[np.ndarray]):
         rank: int = 0,
     ) -> None:
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be positive, got {batch_size}")
+            raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
         self.n_cells, self.batch_size, self.shuffle, self.seed = n_cells, batch_size, shuffle, seed
         self.drop_last, self.num_replicas, self.rank, self.epoch = drop_last, num_replicas, rank, 0
         self.per_rank = math.ceil(n_cells / num_replicas)
@@ -339,7 +358,7 @@ class ExpressionDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if (dataset is None) == (path is None):
-            raise ValueError("set exactly one of data.dataset (a built-in name) and data.path (an .h5ad file)")
+            raise ConfigError("set exactly one of data.dataset (a built-in name) and data.path (an .h5ad file)")
         self.dataset, self.path, self.layer = dataset, path, layer
         # target_layer: the matrix the loss is fitted to (X, raw or a layer); None: the input itself.
         # count_target (set from the loss by exprae.train.build): the target is raw counts, not preprocessed.
@@ -378,10 +397,10 @@ class ExpressionDataModule(pl.LightningDataModule):
         adata = select_matrix(full, self.layer)
         what = f"{self.source} ({'X' if self.layer in (None, 'X') else self.layer})"
         if adata.n_obs == 0 or adata.n_vars == 0:
-            raise ValueError(f"{what} is empty: {adata.n_obs} cells x {adata.n_vars} genes")
+            raise DataError(f"{what} is empty: {adata.n_obs} cells x {adata.n_vars} genes")
         if not adata.var_names.is_unique:
             dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
-            raise ValueError(f"{what} has duplicated gene names, e.g. {dup}; run adata.var_names_make_unique()")
+            raise DataError(f"{what} has duplicated gene names, e.g. {dup}; run adata.var_names_make_unique()")
         check_matrix(
             adata.X,
             obs_names=adata.obs_names,
@@ -389,15 +408,23 @@ class ExpressionDataModule(pl.LightningDataModule):
             nonnegative=self.preprocess.needs_nonnegative,
             what=what,
         )
-        empty = _row_nnz(adata.X) == 0
+        empty = _all_zero(adata.X, axis=1)
         if empty.any():
             warnings.warn(
-                f"{what}: {int(empty.sum())} cells have all-zero profiles; their cosine is defined as 0",
+                f"{what}: {int(empty.sum())} cells have all-zero profiles, e.g. {list(adata.obs_names[empty][:3])}; "
+                "their cosine is defined as 0, so the loss and metrics stay finite",
+                stacklevel=2,
+            )
+        silent = _all_zero(adata.X, axis=0)
+        if silent.any():
+            warnings.warn(
+                f"{what}: {int(silent.sum())} genes are zero in every cell, e.g. {list(adata.var_names[silent][:3])}; "
+                "they carry no signal (select genes with data.preprocess.n_top_genes or filter them out)",
                 stacklevel=2,
             )
         for key in (self.stratify_key, self.label_key):
             if key is not None and key not in adata.obs:
-                raise KeyError(f"obs column {key!r} not found in {what}; available: {list(adata.obs.columns)}")
+                raise MissingKeyError(f"obs column {key!r} not found in {what}; available: {list(adata.obs.columns)}")
         self.splits = split_cells(
             adata.n_obs,
             val_fraction=self.val_fraction,
@@ -405,8 +432,12 @@ class ExpressionDataModule(pl.LightningDataModule):
             seed=self.split_seed,
             stratify=None if self.stratify_key is None else adata.obs[self.stratify_key].to_numpy(),
         )
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ConfigError(
+                f"data.batch_size must be >= 1 and data.num_workers >= 0, got {self.batch_size} and {self.num_workers}"
+            )
         if self.batch_size > len(self.splits["train"]):
-            raise ValueError(
+            raise ConfigError(
                 f"data.batch_size={self.batch_size} is larger than the {len(self.splits['train'])} training cells"
             )
         processed = self.preprocess.per_cell(adata)
@@ -436,7 +467,7 @@ class ExpressionDataModule(pl.LightningDataModule):
         genes = self.adata.var_names
         missing = genes.difference(source.var_names)
         if len(missing):
-            raise KeyError(f"{what} lacks {len(missing)} of the input's genes, e.g. {list(missing[:5])}")
+            raise MissingKeyError(f"{what} lacks {len(missing)} of the input's genes, e.g. {list(missing[:5])}")
         if not self.count_target:
             check_matrix(
                 source.X,

@@ -10,6 +10,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from exprae.constants import TRUTH_KEY
+from exprae.errors import ConfigError
 
 BUILTIN = ("pbmc68k", "synthetic")
 
@@ -46,9 +47,9 @@ def synthetic_counts(
     ``layers["true_mean"]`` (set ``store_truth=False`` at atlas scale).
     """
     if n_cells < 1 or n_genes < 1 or n_types < 1:
-        raise ValueError(f"synthetic data needs positive sizes, got cells={n_cells} genes={n_genes} types={n_types}")
+        raise ConfigError(f"synthetic data needs positive sizes, got cells={n_cells} genes={n_genes} types={n_types}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"synthetic dropout must lie in [0, 1), got {dropout}")
+        raise ConfigError(f"synthetic dropout must lie in [0, 1), got {dropout}")
     rng = np.random.default_rng(seed)
     centroids_tp = rng.normal(0.0, 1.5, size=(n_types, n_programs))
     type_n = rng.integers(0, n_types, size=n_cells)
@@ -60,7 +61,7 @@ def synthetic_counts(
     elif structure == "linear":
         logits_ng = u_np @ rng.normal(0.0, 0.6 / np.sqrt(n_programs) * 2, size=(n_programs, n_genes))
     else:
-        raise ValueError(f"structure must be 'linear' or 'nonlinear', got {structure!r}")
+        raise ConfigError(f"structure must be 'linear' or 'nonlinear', got {structure!r}")
     logits_ng += rng.normal(0.0, 1.0, size=n_genes)  # gene baseline abundance
     logits_ng -= logits_ng.max(axis=1, keepdims=True)
     rho_ng = np.exp(logits_ng)
@@ -98,11 +99,11 @@ def load_builtin(name: str, **kwargs) -> ad.AnnData:
     """A built-in dataset by name: ``pbmc68k`` (real, bundled) or ``synthetic`` (kwargs to the generator)."""
     if name == "pbmc68k":
         if kwargs:
-            raise ValueError(f"the pbmc68k dataset takes no options, got {sorted(kwargs)}")
+            raise ConfigError(f"the pbmc68k dataset takes no options, got {sorted(kwargs)}")
         return pbmc68k()
     if name == "synthetic":
         return synthetic_counts(**kwargs)
-    raise ValueError(f"unknown built-in dataset {name!r}; choose one of {list(BUILTIN)} or set data.path")
+    raise ConfigError(f"unknown built-in dataset {name!r}; choose one of {list(BUILTIN)} or set data.path")
 
 
 def synthetic_counts_sparse(

@@ -22,6 +22,8 @@ from torch.nn import functional as F
 
 from exprae.counts import CountHeadSpec, Dispersion, Library
 
+from exprae.errors import ConfigError
+
 Reduction = Literal["mean", "sum", "none"]
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -88,7 +90,7 @@ class ReconstructionLoss(nn.Module):
     def __init__(self, *, reduction: Reduction = "mean", dim: int = -1) -> None:
         super().__init__()
         if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+            raise ConfigError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction
         self.dim = dim
 
@@ -139,7 +141,7 @@ class MixedLoss(ReconstructionLoss):
     ) -> None:
         super().__init__(reduction=reduction, dim=dim)
         if not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"MixedLoss alpha must lie in [0, 1], got {alpha}")
+            raise ConfigError(f"loss.alpha must lie in [0, 1] (1 is MSE, 0 the cosine loss), got {alpha}")
         self.alpha = float(alpha)
         self.mse = MSELoss(reduction="none", dim=dim)
         self.cosine = CosineLoss(centered=centered, eps=eps, reduction="none", dim=dim)

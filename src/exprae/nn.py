@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from exprae.counts import CountHead, CountHeadSpec
+from exprae.errors import ConfigError
 
 Activation = Literal["relu", "gelu", "silu", "elu", "tanh", "leaky_relu"]
 Norm = Literal["none", "batch", "layer"]
@@ -44,7 +45,7 @@ _INITS = ("pca", "random")
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def mlp(
@@ -88,14 +89,14 @@ class AutoEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if int(n_genes) < 1:
-            raise ValueError(f"n_genes must be positive, got {n_genes}")
+            raise ConfigError(f"n_genes must be positive, got {n_genes}")
         if int(latent_dim) < 1:
-            raise ValueError(f"model.latent_dim must be a positive integer, got {latent_dim}")
+            raise ConfigError(f"model.latent_dim must be a positive integer, got {latent_dim}")
         if any(int(h) < 1 for h in hidden_dims):
-            raise ValueError(f"model.hidden_dims must be positive integers, got {list(hidden_dims)}")
+            raise ConfigError(f"model.hidden_dims must be positive integers, got {list(hidden_dims)}")
         for name, p in (("dropout", dropout), ("input_dropout", input_dropout)):
             if not 0.0 <= p < 1.0:
-                raise ValueError(f"model.{name} must lie in [0, 1), got {p}")
+                raise ConfigError(f"model.{name} must lie in [0, 1), got {p}")
         _check_choice("model.init", init, _INITS)
         self.n_genes, self.latent_dim, self.init = int(n_genes), int(latent_dim), init
         hidden = [int(h) for h in hidden_dims]

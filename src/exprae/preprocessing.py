@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
+
+from exprae.errors import ConfigError
 
 
 @dataclass
@@ -23,7 +25,7 @@ class Preprocessing:
     normalize_total: float | None = None  # target sum per cell (e.g. 1e4); None: off
     log1p: bool = False
     n_top_genes: int | None = None  # highly variable genes kept; None: all genes
-    hvg_flavor: str = "seurat"
+    hvg_flavor: Literal["seurat", "cell_ranger", "seurat_v3", "seurat_v3_paper"] = "seurat"  # scanpy's flavors
     scale: bool = False  # zero mean, unit variance per gene (train-cell statistics)
     max_value: float | None = None  # clip after scaling, as sc.pp.scale
     genes: list[str] | None = field(default=None, repr=False)  # fitted: genes kept
@@ -32,11 +34,11 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.normalize_total is not None and not self.normalize_total > 0:
-            raise ValueError(f"preprocess.normalize_total must be positive or null, got {self.normalize_total}")
+            raise ConfigError(f"preprocess.normalize_total must be positive or null, got {self.normalize_total}")
         if self.n_top_genes is not None and int(self.n_top_genes) < 1:
-            raise ValueError(f"preprocess.n_top_genes must be a positive integer or null, got {self.n_top_genes}")
+            raise ConfigError(f"preprocess.n_top_genes must be a positive integer or null, got {self.n_top_genes}")
         if self.max_value is not None and not self.max_value > 0:
-            raise ValueError(f"preprocess.max_value must be positive or null, got {self.max_value}")
+            raise ConfigError(f"preprocess.max_value must be positive or null, got {self.max_value}")
 
     @property
     def needs_nonnegative(self) -> bool:
@@ -60,7 +62,7 @@ class Preprocessing:
         genes = list(adata.var_names)
         if self.n_top_genes is not None:
             if int(self.n_top_genes) > adata.n_vars:
-                raise ValueError(f"preprocess.n_top_genes={self.n_top_genes} exceeds the {adata.n_vars} genes present")
+                raise ConfigError(f"preprocess.n_top_genes={self.n_top_genes} exceeds the {adata.n_vars} genes present")
             hvg = sc.pp.highly_variable_genes(
                 adata, n_top_genes=int(self.n_top_genes), flavor=self.hvg_flavor, inplace=False
             )

@@ -13,13 +13,18 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from exprae import rundir
+from exprae import rundir, runguard
 from exprae.data import ExpressionDataModule
+from exprae.errors import CLIError, ConfigError, ExpraeError
 from exprae.hparams import log_final_hparams
 from exprae.module import AutoencoderModule
+from exprae.resume import check_resume, resolve_ckpt_path
+from exprae.validate import check_config, check_sizes
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +48,11 @@ def build(cfg: DictConfig) -> tuple[ExpressionDataModule, AutoencoderModule]:
     datamodule.setup("fit")
     head_kwargs = {} if head is None else {"count_head": head.to_dict()}
     net = hydra.utils.instantiate(cfg.model, n_genes=datamodule.n_genes, **head_kwargs)
+    check_sizes(net, n_train=len(datamodule.splits["train"]))
     aux = cfg.get("aux") or {}
     aux_loss = hydra.utils.instantiate(aux["loss"]) if aux.get("loss") else None
     if aux_loss is not None and datamodule.label_key is None:
-        raise ValueError("an auxiliary latent loss needs labels: set aux.label_key=<obs column>, e.g. bulk_labels")
+        raise ConfigError("an auxiliary latent loss needs labels: set aux.label_key=<obs column>, e.g. bulk_labels")
     module = hydra.utils.instantiate(
         cfg.module,
         net=net,
@@ -90,25 +96,49 @@ def format_report(metrics: dict[str, Any]) -> str:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train, validate and test one configuration; write the run directory; return the final metrics."""
+    """Train, validate and test one configuration; write the run directory; return the final metrics.
+
+    Everything that can be wrong with the config or the data is checked before the first file is written,
+    and a run that fails before then leaves no run directory (see :mod:`exprae.runguard`).
+    """
+    check_config(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
+    with runguard.claim(out_dir, resume=ckpt_path is not None):
+        try:
+            return _train(cfg, out_dir, ckpt_path)
+        except BaseException:
+            runguard.discard_if_unused(out_dir)
+            raise
+
+
+def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    out_dir = Path(cfg.paths.output_dir)
     datamodule, module = build(cfg)
+    callbacks = _instantiate_group(cfg.get("callbacks"))
+    loggers = _instantiate_group(cfg.get("logger"))
+    if not loggers:  # LearningRateMonitor refuses to run without a logger; with logger=none there is nothing to log to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    try:  # a bad optimizer or scheduler setting (optimizer.lr=-1) fails here, before any file is written
+        module.configure_optimizers()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"the optimizer/scheduler settings were rejected: {e}") from e
+    if ckpt_path is not None:
+        check_resume(ckpt_path, module=module, contract=datamodule.contract(), out_dir=out_dir)
+
     rundir.write_json(out_dir / rundir.CONTRACT_FILE, datamodule.contract())
     rundir.write_text_atomic(out_dir / rundir.SPLIT_FILE, datamodule.split_table().to_csv(index=False))
     rundir.write_json(out_dir / rundir.ENVIRONMENT_FILE, {"seed": cfg.get("seed"), **rundir.environment()})
-
-    callbacks = _instantiate_group(cfg.get("callbacks"))
-    loggers = _instantiate_group(cfg.get("logger"))
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     log.info("training on %s: %d cells x %d genes", datamodule.source, datamodule.adata.n_obs, datamodule.n_genes)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # weights_only: resuming reads tensors and plain data only, never code from the checkpoint.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     best = (checkpoint.best_model_path or None) if checkpoint is not None else None
-    val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
-    test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
+    test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     metrics = {
         "loss": cfg.loss._target_.rsplit(".", 1)[-1],
         "latent_dim": module.net.latent_dim,
@@ -156,8 +186,24 @@ def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the test cosine so sweepers can optimise it."""
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except USER_ERRORS as e:
+        raise CLIError(_user_message(e)) from e
     return metrics["test"]["model"].get("cosine")
+
+
+# Errors that mean the input or the config is wrong: exprae-train prints them without a traceback.
+USER_ERRORS = (ExpraeError, InstantiationException, MisconfigurationException)
+
+
+def _user_message(e: BaseException) -> str:
+    """One paragraph for the terminal: exprae's own message where instantiation wrapped one."""
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, ExpraeError):
+        cause = cause.__cause__
+    text = str(cause if cause is not None else e)
+    return f"exprae-train: {text}"
 
 
 if __name__ == "__main__":

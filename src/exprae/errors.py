@@ -1,0 +1,46 @@
+"""Errors that mean "the input or the config is wrong", as opposed to a bug in exprae.
+
+``exprae-train`` prints these as one paragraph and exits with status 1 (``HYDRA_FULL_ERROR=1`` shows the
+traceback); any other exception is a bug and keeps its traceback. Each class also derives from the builtin
+an older caller may catch (``ValueError``, ``KeyError``, ``FileNotFoundError``), so callers that caught
+those keep working.
+"""
+
+from __future__ import annotations
+
+from hydra.errors import CompactHydraException
+
+
+class ExpraeError(Exception):
+    """A problem the user can fix: bad data, a bad config value, a run directory in use."""
+
+
+class DataError(ExpraeError, ValueError):
+    """The data cannot be trained on as configured (NaN, negatives, too few cells, a corrupt file...)."""
+
+
+class DataFileNotFoundError(ExpraeError, FileNotFoundError):
+    """The data (or checkpoint) path does not exist."""
+
+
+class MissingKeyError(ExpraeError, KeyError):
+    """A layer or obs column that is not there; the message lists the ones that are."""
+
+    # KeyError's str() is the repr of its argument (quotes, escaped newlines); show the message as written.
+    __str__ = Exception.__str__
+
+
+class ConfigError(ExpraeError, ValueError):
+    """A config value of the wrong type or outside its valid range."""
+
+
+class RunDirError(ExpraeError, RuntimeError):
+    """The output directory is in use by another run, or already holds a finished one."""
+
+
+class TrainingDivergedError(ExpraeError, RuntimeError):
+    """The loss or the weights became NaN/inf; nothing was saved from that point on."""
+
+
+class CLIError(CompactHydraException):
+    """A user error as ``exprae-train`` reports it: Hydra prints the message alone, no traceback, exit status 1."""
