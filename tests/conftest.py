@@ -31,18 +31,22 @@ def pbmc() -> ad.AnnData:
 
 @pytest.fixture
 def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
-    """Compose ``configs/train.yaml`` with overrides, writing the run into ``tmp_path``."""
+    """Compose ``configs/train.yaml`` with overrides; the first run goes to ``tmp_path/run``, later ones to run-1, ..."""
+    n_composed = 0
 
     def _compose(*overrides: str, fast: bool = True) -> DictConfig:
+        nonlocal n_composed
+        run_dir = tmp_path / ("run" if n_composed == 0 else f"run-{n_composed}")
+        n_composed += 1
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(
                 config_name="train", overrides=[*(FAST if fast else []), *overrides], return_hydra_config=True
             )
         with open_dict(cfg):
-            # Outside @hydra.main there is no runtime output dir; give each test its own.
-            cfg.paths.output_dir = str(tmp_path / "run")
-            cfg.hydra.runtime.output_dir = str(tmp_path / "run")
+            # Outside @hydra.main there is no runtime output dir; give each composed run its own, as Hydra would.
+            cfg.paths.output_dir = str(run_dir)
+            cfg.hydra.runtime.output_dir = str(run_dir)
         return cfg
 
     yield _compose

@@ -21,7 +21,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from exprae.counts import CountHeadSpec, Dispersion, Library
-
 from exprae.errors import ConfigError
 
 Reduction = Literal["mean", "sum", "none"]

@@ -115,7 +115,7 @@ class AutoencoderModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         graph = self.compile_mode == "graph"
-        if graph:
+        if graph and self._trainer is not None:  # train.py also calls this before fitting, to check the settings
             self._check_graph_supported()
         optimizer = build_optimizer(
             self.optimizer_factory,
