@@ -113,9 +113,11 @@ class AutoencoderModule(pl.LightningModule):
         for who in SCORED if self.with_baselines else ("model",):
             metric = self.metrics[f"{stage}_{who}"]
             prefix = f"{stage}/" if who == "model" else f"baseline/{who}/{stage}/"
-            # Values are already exact global means (torchmetrics syncs sums), so no sync_dist here.
+            # Values are already exact global means (torchmetrics syncs sums), identical on every rank; a "max"
+            # sync keeps them bit-exact (a "mean" would re-round) and tells Lightning they are synced.
             for name, value in metric.compute().items():
-                self.log(prefix + name, value, prog_bar=who == "model" and name in ("loss", "cosine"))
+                show = who == "model" and name in ("loss", "cosine")
+                self.log(prefix + name, value, prog_bar=show, sync_dist=True, reduce_fx="max")
             metric.reset()
 
     def on_validation_epoch_end(self) -> None:

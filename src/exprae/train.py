@@ -85,13 +85,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     datamodule, module = build(cfg)
-    rundir.write_json(out_dir / rundir.CONTRACT_FILE, datamodule.contract())
-    rundir.write_text_atomic(out_dir / rundir.SPLIT_FILE, datamodule.split_table().to_csv(index=False))
-    rundir.write_json(out_dir / rundir.ENVIRONMENT_FILE, {"seed": cfg.get("seed"), **rundir.environment()})
-
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # Under DDP every rank runs this function; the run directory is written once, by global rank 0.
+    if trainer.is_global_zero:
+        rundir.write_json(out_dir / rundir.CONTRACT_FILE, datamodule.contract())
+        rundir.write_text_atomic(out_dir / rundir.SPLIT_FILE, datamodule.split_table().to_csv(index=False))
+        rundir.write_json(out_dir / rundir.ENVIRONMENT_FILE, {"seed": cfg.get("seed"), **rundir.environment()})
     log.info("training on %s: %d cells x %d genes", datamodule.source, datamodule.adata.n_obs, datamodule.n_genes)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
@@ -110,10 +111,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "val": _stage_metrics(val, "val"),
         "test": _stage_metrics(test, "test"),
     }
-    rundir.write_json(out_dir / rundir.METRICS_FILE, metrics)
-    for lg in trainer.loggers:
+    if trainer.is_global_zero:
+        rundir.write_json(out_dir / rundir.METRICS_FILE, metrics)
+        print(f"\nexprae run {out_dir}\n{format_report(metrics)}\n")
+    for lg in trainer.loggers:  # Lightning's loggers write on rank 0 only
         lg.log_hyperparams(_flat_hparams(cfg), {f"hp/test_{k}": v for k, v in metrics["test"]["model"].items()})
-    print(f"\nexprae run {out_dir}\n{format_report(metrics)}\n")
     return metrics
 
 
