@@ -150,3 +150,23 @@ def test_ddp_two_cpu_processes(tmp_path, compose_cfg, pbmc_h5ad, backed):
         assert set(values) == set(saved[who])
         for name, value in values.items():
             assert saved[who][name] == pytest.approx(value, rel=1e-6, abs=1e-7), (who, name)
+
+
+def test_multinode_slurm_config_composes(compose_cfg):
+    """The documented multi-node command composes: 2 nodes x 4 GPUs, one SLURM task per GPU."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the [launchers] extra")
+    cfg = compose_cfg(
+        "trainer=ddp",
+        "trainer.accelerator=gpu",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.nodes=2",
+        "hydra.launcher.tasks_per_node=4",
+        "hydra.launcher.gpus_per_node=4",
+        fast=False,
+    )
+    assert cfg.trainer.strategy == "ddp" and cfg.trainer.num_nodes * cfg.trainer.devices == 8
+    launcher = cfg.hydra.launcher
+    assert launcher.nodes * launcher.tasks_per_node == cfg.trainer.num_nodes * cfg.trainer.devices
+    assert cfg.trainer.use_distributed_sampler is False  # exprae's samplers shard; Lightning's must not

@@ -99,26 +99,34 @@ class BackedMatrix:
         return np.concatenate(pieces) if pieces else np.zeros((0, self.shape[1]), dtype=np.float32)
 
 
-def read_annotations(path: str | Path, *, layer: str | None) -> tuple[pd.DataFrame, pd.Index]:
-    """``obs`` and the gene names of the chosen matrix, without reading any matrix."""
+def read_obs(path: str | Path) -> pd.DataFrame:
+    """``obs`` of an ``.h5ad``, without reading any matrix."""
     with h5py.File(Path(path).expanduser(), "r") as f:
-        obs = read_elem(f["obs"])
+        return read_elem(f["obs"])
+
+
+def read_var_names(path: str | Path, *, layer: str | None) -> pd.Index:
+    """The gene names of the chosen matrix (``raw/var`` for ``layer="raw"``), without reading any matrix."""
+    with h5py.File(Path(path).expanduser(), "r") as f:
         var = read_elem(f["raw/var"] if layer == "raw" and "raw" in f else f["var"])
-    return obs, pd.Index(var.index.astype(str))
+    return pd.Index(var.index.astype(str))
 
 
 class BackedCells:
-    """An ``.h5ad`` whose matrix stays on disk: annotations in memory, preprocessed cells read on demand."""
+    """An ``.h5ad`` matrix that stays on disk, read and preprocessed a block of rows at a time.
+
+    Holds only the gene names and the preprocessing (no ``obs``), so it is cheap to send to DataLoader
+    workers however many cells the file has.
+    """
 
     def __init__(self, path: str | Path, *, layer: str | None, preprocess: Preprocessing, chunk_size: int) -> None:
         if chunk_size < 1:
             raise ValueError(f"data.chunk_size must be positive, got {chunk_size}")
         self.matrix = BackedMatrix(path, layer=layer)
-        self.obs, self.var_names = read_annotations(path, layer=layer)
-        if self.matrix.shape != (len(self.obs), len(self.var_names)):
+        self.var_names = read_var_names(path, layer=layer)
+        if self.matrix.shape[1] != len(self.var_names):
             raise ValueError(
-                f"{path}:{self.matrix.key} has shape {self.matrix.shape} but obs/var describe "
-                f"{len(self.obs)} x {len(self.var_names)}"
+                f"{path}:{self.matrix.key} has {self.matrix.shape[1]} columns but {len(self.var_names)} gene names"
             )
         self.preprocess, self.chunk_size = preprocess, chunk_size
 
@@ -301,6 +309,9 @@ class BufferedBatchLoader:
             collate_fn=_as_is,
             num_workers=num_workers,
             persistent_workers=num_workers > 0,
+            # Workers run scanpy's numba/OpenMP kernels (normalize_total, log1p); a forked child of a process
+            # that already used GNU OpenMP is killed by libgomp, so workers start fresh.
+            multiprocessing_context="spawn" if num_workers > 0 else None,
         )
 
     def __len__(self) -> int:

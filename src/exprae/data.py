@@ -16,7 +16,14 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from exprae.backed_data import BackedCells, BufferDataset, BufferedBatchLoader, BufferSampler, buffer_cells
+from exprae.backed_data import (
+    BackedCells,
+    BufferDataset,
+    BufferedBatchLoader,
+    BufferSampler,
+    buffer_cells,
+    read_obs,
+)
 from exprae.constants import INDEX_KEY, LABEL_KEY, TARGET_KEY, TRUTH_KEY, X_KEY
 from exprae.datasets import load_builtin
 from exprae.preprocessing import Preprocessing
@@ -387,20 +394,23 @@ class ExpressionDataModule(pl.LightningDataModule):
             raise ValueError("data.backed=true streams an .h5ad from disk: set data.path (and data.dataset=null)")
         read_h5ad_header(self.path)
         cells = BackedCells(self.path, layer=self.layer, preprocess=self.preprocess, chunk_size=self.chunk_size)
+        obs = read_obs(self.path)
         what = f"{self.source} ({cells.matrix.key})"
+        if len(obs) != cells.n_obs:
+            raise ValueError(f"{what} has {cells.n_obs} rows but obs describes {len(obs)} cells")
         if cells.n_obs == 0 or len(cells.var_names) == 0:
             raise ValueError(f"{what} is empty: {cells.n_obs} cells x {len(cells.var_names)} genes")
         if not cells.var_names.is_unique:
             dup = cells.var_names[cells.var_names.duplicated()].unique()[:5].tolist()
             raise ValueError(f"{what} has duplicated gene names, e.g. {dup}; run adata.var_names_make_unique()")
-        self._split(cells.obs, what)
+        self._split(obs, what)
         n_empty = 0
 
         def check(x: Any, rows: np.ndarray) -> None:
             nonlocal n_empty
             check_matrix(
                 x,
-                obs_names=cells.obs.index[rows],
+                obs_names=obs.index[rows],
                 var_names=cells.var_names,
                 nonnegative=self.preprocess.needs_nonnegative,
                 what=what,
@@ -412,9 +422,9 @@ class ExpressionDataModule(pl.LightningDataModule):
             warnings.warn(f"{what}: {n_empty} cells have all-zero profiles; their cosine is defined as 0", stacklevel=2)
         self.backed_cells = cells
         # Annotations only: X stays in the file, so n_obs/var_names/split_table/contract work as in memory.
-        self.adata = ad.AnnData(obs=cells.obs, var=pd.DataFrame(index=self.preprocess.genes))
+        self.adata = ad.AnnData(obs=obs, var=pd.DataFrame(index=self.preprocess.genes))
         if self.label_key is not None:
-            self.label_categories = [str(c) for c in pd.Categorical(cells.obs[self.label_key]).categories]
+            self.label_categories = [str(c) for c in pd.Categorical(obs[self.label_key]).categories]
 
     # -- what the rest of exprae reads
 
