@@ -26,12 +26,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from anndata.io import read_elem, sparse_dataset
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from exprae.constants import INDEX_KEY, LABEL_KEY, TARGET_KEY, X_KEY
 from exprae.preprocessing import Preprocessing
 from exprae.streaming_stats import fit_streaming
+
+try:
+    from anndata.io import read_elem, sparse_dataset
+except ImportError:  # anndata < 0.11 kept them in anndata.experimental
+    from anndata.experimental import read_elem, sparse_dataset
 
 
 def matrix_key(layer: str | None) -> str:
