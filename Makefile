@@ -9,9 +9,11 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.exprae-installed
 ARGS ?=
 SWEEP ?=
+EXPERIMENT ?= loss_sweep
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format tensorboard clean
+
+.PHONY: help install install-launchers train sweep compare test test-fast lint format tensorboard bench clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,8 +26,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv (if missing) and install exprae with its dev tools
 
+install-launchers: $(STAMP) ## add the joblib (local parallel) and submitit (SLURM) Hydra launchers
+	$(PY) -m pip install -q -e ".[dev,launchers]"
+
 train: $(STAMP) ## train the default config on the bundled pbmc68k data (extra Hydra overrides: ARGS="loss=cosine")
 	$(VENV)/bin/exprae-train $(ARGS)
+
+sweep: $(STAMP) ## run a sweep experiment (EXPERIMENT=loss_sweep|latent_sweep|width_sweep, extra overrides: ARGS=...)
+	$(VENV)/bin/exprae-train -m experiment=$(EXPERIMENT) $(ARGS)
+
+compare: $(STAMP) ## report on a sweep: tables, verdicts and plots (SWEEP=multirun/<date>/<time>)
+	@test -n "$(SWEEP)" || { echo "usage: make compare SWEEP=multirun/<date>/<time>"; exit 2; }
+	$(VENV)/bin/exprae-compare $(SWEEP)
 
 test: $(STAMP) ## run the full test suite (what CI runs)
 	$(PY) -m pytest
@@ -40,6 +52,11 @@ lint: $(STAMP) ## ruff lint + format check
 format: $(STAMP) ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix src tests scripts
 	$(VENV)/bin/ruff format src tests scripts
+
+BENCH_ARGS ?=
+bench: $(STAMP) ## training-speed table: exprae vs a per-cell DataLoader vs scvi-tools (GPU sizes on a GPU; BENCH_ARGS="--sizes 1e5x2000")
+	$(PY) -m pip install -q -e ".[bench]" "$(TORCH_SPEC)" || echo "scvi-tools could not be installed; the table will skip it"
+	$(PY) scripts/bench_train.py --out bench $(BENCH_ARGS)
 
 tensorboard: $(STAMP) ## open TensorBoard on every run under outputs/ and multirun/
 	$(VENV)/bin/tensorboard --logdir . --bind_all

@@ -4,6 +4,7 @@
 X_KEY = "x"  # encoder input, cells x genes
 TARGET_KEY = "target"  # reconstruction target, cells x genes (the input itself unless a target layer is set)
 LIBRARY_KEY = "library_size"  # per-cell total of the target, for count likelihoods
+SIZE_FACTOR_KEY = "size_factor"  # per-cell factor normalize_total applied to the input (1 without it)
 LABEL_KEY = "label"  # integer label per cell, for auxiliary latent losses
 TRUTH_KEY = "true_mean"  # noise-free profile (synthetic data only), after the same preprocessing
 INDEX_KEY = "index"  # row of the cell in the split's AnnData

@@ -24,11 +24,23 @@ from exprae.backed_data import (
     buffer_cells,
     read_obs,
 )
-from exprae.constants import INDEX_KEY, LABEL_KEY, TARGET_KEY, TRUTH_KEY, X_KEY
+from exprae.constants import (
+    INDEX_KEY,
+    LABEL_KEY,
+    LIBRARY_KEY,
+    SIZE_FACTOR_KEY,
+    TARGET_KEY,
+    TRUTH_KEY,
+    X_KEY,
+)
 from exprae.datasets import load_builtin
 from exprae.preprocessing import Preprocessing
 
 SPLITS = ("train", "val", "test")
+# Where the datamodule keeps a separate target (gene-subset, per split by slicing) and its per-cell scalars.
+TARGET_LAYER = "exprae_target"
+LIBRARY_OBS = "exprae_library_size"
+SIZE_FACTOR_OBS = "exprae_size_factor"
 
 
 # ---------------------------------------------------------------- reading and checking
@@ -113,6 +125,36 @@ def check_matrix(
             f"{what} has {int(mask.sum())} {label} values{hint}, in {len(np.unique(rows))} cells and "
             f"{len(np.unique(cols))} genes; first cells {cells}, first genes {genes}"
         )
+
+
+def check_counts(x: np.ndarray | sp.spmatrix, *, obs_names: Sequence[str], var_names: Sequence[str], what: str) -> None:
+    """Refuse a count-likelihood target that is not raw counts (NaN/inf, negative or non-integer values)."""
+    csr = sp.csr_matrix(x) if sp.issparse(x) else None
+    values = csr.data if csr is not None else np.asarray(x)
+    finite = np.isfinite(values)
+    for label, mask in (
+        ("NaN or infinite", ~finite),
+        ("negative", finite & (values < 0)),
+        ("non-integer", finite & (values != np.round(values))),
+    ):
+        if not mask.any():
+            continue
+        if csr is not None:
+            rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))[mask]
+            cols = csr.indices[mask]
+        else:
+            rows, cols = np.nonzero(mask)
+        example = values[mask][0]
+        raise ValueError(
+            f"{what} has {int(mask.sum())} {label} values (e.g. {example:g} in cell {np.asarray(obs_names)[rows[0]]!r}, "
+            f"gene {np.asarray(var_names)[cols[0]]!r}); count likelihoods (poisson, nb, zinb) need raw integer "
+            "counts: point data.target_layer at a layer of raw counts (e.g. data.target_layer=counts), or use an "
+            "expression loss such as loss=mse"
+        )
+
+
+def _row_sums(x: np.ndarray | sp.spmatrix) -> np.ndarray:
+    return np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
 
 
 def _row_nnz(x: np.ndarray | sp.spmatrix) -> np.ndarray:
@@ -219,6 +261,8 @@ class CellDataset(Dataset):
         target: np.ndarray | sp.spmatrix | None = None,
         labels: np.ndarray | None = None,
         truth: np.ndarray | sp.spmatrix | None = None,
+        library: np.ndarray | None = None,
+        size_factor: np.ndarray | None = None,
     ) -> None:
         self.x = sp.csr_matrix(x, dtype=np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32)
         self.target = (
@@ -234,6 +278,12 @@ class CellDataset(Dataset):
             if truth is None
             else (sp.csr_matrix(truth, dtype=np.float32) if sp.issparse(truth) else np.asarray(truth, dtype=np.float32))
         )
+        # Per-cell scalars for count likelihoods: the target's total counts and the input's normalisation factor.
+        self.per_cell = {
+            key: torch.as_tensor(np.asarray(v, dtype=np.float32))
+            for key, v in ((LIBRARY_KEY, library), (SIZE_FACTOR_KEY, size_factor))
+            if v is not None
+        }
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -255,6 +305,8 @@ class CellDataset(Dataset):
             batch[LABEL_KEY] = self.labels[rows]
         if self.truth is not None:
             batch[TRUTH_KEY] = self._dense(self.truth, rows)
+        for key, v in self.per_cell.items():
+            batch[key] = v[rows]
         return batch
 
 
@@ -289,6 +341,8 @@ class ExpressionDataModule(pl.LightningDataModule):
         dataset: str | None = "pbmc68k",
         path: str | None = None,
         layer: str | None = None,
+        target_layer: str | None = None,
+        count_target: bool = False,
         preprocess: Preprocessing | dict | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
@@ -299,6 +353,7 @@ class ExpressionDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         synthetic: dict[str, Any] | None = None,
+        on_device: str | bool = "auto",
         backed: bool = False,
         chunk_size: int = 1024,
         buffer_chunks: int = 8,
@@ -307,6 +362,9 @@ class ExpressionDataModule(pl.LightningDataModule):
         if (dataset is None) == (path is None):
             raise ValueError("set exactly one of data.dataset (a built-in name) and data.path (an .h5ad file)")
         self.dataset, self.path, self.layer = dataset, path, layer
+        # target_layer: the matrix the loss is fitted to (X, raw or a layer); None: the input itself.
+        # count_target (set from the loss by exprae.train.build): the target is raw counts, not preprocessed.
+        self.target_layer, self.count_target = target_layer, bool(count_target)
         if isinstance(preprocess, dict) or preprocess is None:
             preprocess = Preprocessing(**(preprocess or {}))
         self.preprocess = preprocess
@@ -314,6 +372,10 @@ class ExpressionDataModule(pl.LightningDataModule):
         self.stratify_key, self.label_key = stratify_key, label_key
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.synthetic = dict(synthetic or {})
+        from exprae.device_data import check_on_device
+
+        self.on_device = check_on_device(on_device)  # train/val batches made on the device: see device_data
+        self._resident: dict[tuple[str, str], Any] = {}  # (split, device) -> DeviceBatches, uploaded once
         # data.backed: the matrix stays on disk and is streamed (exprae.backed_data); obs is still in memory.
         self.backed, self.chunk_size, self.buffer_chunks = backed, chunk_size, buffer_chunks
         self.backed_cells: BackedCells | None = None
@@ -364,6 +426,11 @@ class ExpressionDataModule(pl.LightningDataModule):
         processed = self.preprocess.per_cell(adata)
         self.preprocess.fit(processed[self.splits["train"]])
         self.adata = self.preprocess.transform(adata)
+        for col in full.var.columns.difference(self.adata.var.columns):
+            # Gene annotations (e.g. synthetic data's true_dispersion) follow the kept genes.
+            self.adata.var[col] = full.var[col].reindex(self.adata.var_names).to_numpy()
+        if self.count_target or self.target_layer is not None:
+            self._attach_target(full, adata)
         if TRUTH_KEY in full.layers and self.layer in (None, "X"):
             truth = ad.AnnData(X=full.layers[TRUTH_KEY], obs=adata.obs[[]], var=pd.DataFrame(index=adata.var_names))
             self.adata.layers[TRUTH_KEY] = self.preprocess.transform(truth).X
@@ -392,6 +459,15 @@ class ExpressionDataModule(pl.LightningDataModule):
         """data.backed=true: obs in memory, matrix on disk; checks and preprocessing fit in one streaming pass."""
         if self.path is None:
             raise ValueError("data.backed=true streams an .h5ad from disk: set data.path (and data.dataset=null)")
+        if self.count_target or self.target_layer is not None:
+            raise ValueError(
+                "data.backed=true streams the input matrix only; count losses and data.target_layer need the "
+                "in-memory path (data.backed=false)"
+            )
+        if self.on_device is True:
+            raise ValueError(
+                "data.on_device=true keeps the data on the GPU; it cannot be combined with data.backed=true"
+            )
         read_h5ad_header(self.path)
         cells = BackedCells(self.path, layer=self.layer, preprocess=self.preprocess, chunk_size=self.chunk_size)
         obs = read_obs(self.path)
@@ -426,6 +502,42 @@ class ExpressionDataModule(pl.LightningDataModule):
         if self.label_key is not None:
             self.label_categories = [str(c) for c in pd.Categorical(obs[self.label_key]).categories]
 
+    def _attach_target(self, full: ad.AnnData, selected: ad.AnnData) -> None:
+        """Keep the target for the kept genes: raw counts (count likelihoods) or preprocessed like the input."""
+        name = (
+            self.target_layer if self.target_layer is not None else ("X" if self.layer in (None, "X") else self.layer)
+        )
+        source = selected if self.target_layer in (None, self.layer) else select_matrix(full, self.target_layer)
+        what = f"data.target_layer={name!r} of {self.source}"
+        if self.target_layer is None:
+            what = f"the count target {name!r} of {self.source} (data.target_layer unset: the input's own matrix)"
+        genes = self.adata.var_names
+        missing = genes.difference(source.var_names)
+        if len(missing):
+            raise KeyError(f"{what} lacks {len(missing)} of the input's genes, e.g. {list(missing[:5])}")
+        if not self.count_target:
+            check_matrix(
+                source.X,
+                obs_names=source.obs_names,
+                var_names=source.var_names,
+                nonnegative=self.preprocess.needs_nonnegative,
+                what=what,
+            )
+            self.adata.layers[TARGET_LAYER] = self.preprocess.transform(source).X
+            return
+        counts = source[:, genes].X
+        check_counts(counts, obs_names=source.obs_names, var_names=genes, what=what)
+        self.adata.layers[TARGET_LAYER] = counts
+        self.adata.obs[LIBRARY_OBS] = _row_sums(counts).astype(np.float32)
+        # The factor normalize_total applied to each cell's input, so expected counts can be mapped to the input.
+        size_factor = np.ones(selected.n_obs)
+        if self.preprocess.normalize_total is not None:
+            totals = _row_sums(selected.X)
+            size_factor = np.divide(
+                float(self.preprocess.normalize_total), totals, out=np.zeros_like(totals), where=totals > 0
+            )
+        self.adata.obs[SIZE_FACTOR_OBS] = size_factor.astype(np.float32)
+
     # -- what the rest of exprae reads
 
     @property
@@ -449,7 +561,15 @@ class ExpressionDataModule(pl.LightningDataModule):
         labels = None
         if self.label_key is not None:
             labels = pd.Categorical(sub.obs[self.label_key], categories=self.label_categories).codes
-        return CellDataset(sub.X, labels=labels, truth=sub.layers.get(TRUTH_KEY))
+        obs = {key: sub.obs[key].to_numpy() for key in (LIBRARY_OBS, SIZE_FACTOR_OBS) if key in sub.obs}
+        return CellDataset(
+            sub.X,
+            target=sub.layers.get(TARGET_LAYER),
+            labels=labels,
+            truth=sub.layers.get(TRUTH_KEY),
+            library=obs.get(LIBRARY_OBS),
+            size_factor=obs.get(SIZE_FACTOR_OBS),
+        )
 
     def train_chunks(self, chunk_size: int = 4096) -> Iterator[torch.Tensor]:
         """Dense float32 chunks of the training cells, for fitting baselines and PCA initialisation."""
@@ -466,7 +586,7 @@ class ExpressionDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def _loader(self, split: str, *, shuffle: bool) -> DataLoader | BufferedBatchLoader:
+    def _loader(self, split: str, *, shuffle: bool, resident: bool = False) -> DataLoader | BufferedBatchLoader:
         # Every split is sharded across DDP ranks; only training pads shards to equal length (see the sampler).
         world, rank = self._rank_info()
         if self.backed_cells is not None:
@@ -481,6 +601,17 @@ class ExpressionDataModule(pl.LightningDataModule):
             rank=rank,
             pad=shuffle,
         )
+        if resident:
+            from exprae.device_data import DeviceBatches, resident_nbytes, use_device_path
+
+            trainer = getattr(self, "trainer", None)
+            device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+            if use_device_path(self.on_device, device=device, nbytes=resident_nbytes(data)):
+                key = (split, str(device))
+                if key not in self._resident:
+                    self._resident[key] = DeviceBatches.from_dataset(data, sampler=sampler, device=device)
+                self._resident[key].sampler = sampler
+                return self._resident[key]
         return batch_loader(data, sampler, num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def _backed_loader(self, split: str, *, shuffle: bool, world: int, rank: int) -> BufferedBatchLoader:
@@ -506,10 +637,10 @@ class ExpressionDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train", shuffle=True, resident=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val", shuffle=False, resident=True)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
@@ -522,6 +653,8 @@ class ExpressionDataModule(pl.LightningDataModule):
         return {
             "source": self.source,
             "layer": self.layer,
+            "target_layer": self.target_layer,
+            "count_target": self.count_target,
             "n_genes": self.n_genes,
             "var_names": self.var_names,
             "preprocess": self.preprocess.to_dict(),

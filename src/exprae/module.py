@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -10,10 +11,20 @@ import torch
 from torch import nn
 
 from exprae.baselines import Baselines
-from exprae.constants import TARGET_KEY, X_KEY
-from exprae.losses import ReconstructionLoss, reduce_per_cell
+from exprae.constants import LIBRARY_KEY, SIZE_FACTOR_KEY, TARGET_KEY, TRUTH_KEY, X_KEY
+from exprae.counts import InputView, count_parameters, expected_counts
+from exprae.fast_step import (
+    TrainStep,
+    build_optimizer,
+    check_compile_mode,
+    count_optimizer_step,
+    step_epoch_schedulers,
+)
+from exprae.losses import CountNLL, ReconstructionLoss, reduce_per_cell
 from exprae.metrics import ReconstructionMetrics
 from exprae.nn import AutoEncoder
+
+log = logging.getLogger(__name__)
 
 EVAL_STAGES = ("val", "test")
 SCORED = ("model", "mean", "pca")  # the model and the two baselines, scored on the same cells
@@ -25,6 +36,14 @@ class AutoencoderModule(pl.LightningModule):
     Logged keys: ``train/loss`` every ``log_every_n_steps``; each validation epoch ``val/{loss, mse, cosine,
     pearson, cosine_median, cosine_p10}`` for the model and ``baseline/{mean,pca}/val/...`` for the
     baselines; the same under ``test/`` after testing.
+
+    With a count likelihood (:class:`exprae.losses.CountNLL`) the loss is fitted to raw counts, but cosine,
+    Pearson and MSE compare the model's expected counts mapped into the input representation (normalised,
+    log1p'd and scaled like the input) with the input itself, so they are comparable with every other loss;
+    ``val/nll`` is the held-out negative log-likelihood per cell, and on data with a known per-gene dispersion
+    (``var["true_dispersion"]``) ``{stage}/dispersion_pearson`` and ``dispersion_spearman`` score the learned
+    per-gene dispersions (on the log scale). On data with a noise-free profile (synthetic ``true_mean``) every
+    scored reconstruction also gets ``truth_{cosine, pearson, mse}`` against it.
     """
 
     def __init__(
@@ -36,6 +55,7 @@ class AutoencoderModule(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         scheduler_monitor: str = "val/loss",
         baselines: bool = True,
+        compile: str = "none",
     ) -> None:
         super().__init__()
         self.net = net
@@ -44,9 +64,26 @@ class AutoencoderModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_monitor = scheduler_monitor
         self.with_baselines = baselines
+        self.count_loss = isinstance(loss, CountNLL)
+        if self.count_loss and getattr(net, "count_head", None) is None:
+            raise ValueError(
+                f"{type(loss).__name__} is a count likelihood: build the network with its output head, "
+                "AutoEncoder(..., count_head=loss.head) (exprae.train.build does this)"
+            )
+        if self.count_loss and net.count_head.spec != loss.head:
+            raise ValueError(f"the network's count head {net.count_head.spec} differs from the loss's {loss.head}")
+        # Maps expected counts into the input representation; buffers, so it travels with the checkpoint.
+        self.input_view = InputView(net.n_genes) if self.count_loss else None
+        # none | model (torch.compile) | graph (whole step in a CUDA graph, manual optimization): see fast_step.
+        self.compile_mode = check_compile_mode(compile)
+        self.automatic_optimization = self.compile_mode != "graph"
+        self._train_step: TrainStep | None = None
         # Baselines are needed for the PCA start even when they are not reported.
         self.baselines = Baselines(net.n_genes, net.latent_dim)
         self.metrics = nn.ModuleDict(
+            {f"{stage}_{who}": ReconstructionMetrics() for stage in EVAL_STAGES for who in SCORED}
+        )
+        self.truth_metrics = nn.ModuleDict(
             {f"{stage}_{who}": ReconstructionMetrics() for stage in EVAL_STAGES for who in SCORED}
         )
 
@@ -60,9 +97,24 @@ class AutoencoderModule(pl.LightningModule):
         self.baselines.fit(datamodule.train_chunks())
         if self.net.init == "pca":
             self.net.init_from_pca(self.baselines.mean_g, self.baselines.components_kg)
+        if self.count_loss:
+            self.input_view.fit(datamodule.preprocess)
+            library_n = datamodule.split_dataset("train").per_cell[LIBRARY_KEY]
+            self.net.count_head.init_library(library_n.clamp_min(1.0).log().mean())
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(params=self.parameters())
+        graph = self.compile_mode == "graph"
+        if graph:
+            self._check_graph_supported()
+        optimizer = build_optimizer(
+            self.optimizer_factory,
+            self.parameters(),
+            device=self.device,
+            capturable=graph and self.device.type == "cuda",
+        )
+        if self.compile_mode == "model":
+            self.net.compile()  # compiles forward in place; parameter names (checkpoints) are unchanged
+        self._train_step = None  # a new optimizer needs a new capture
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer=optimizer)
@@ -78,24 +130,77 @@ class AutoencoderModule(pl.LightningModule):
 
     def loss_per_cell(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The configured loss of each cell in the batch."""
+        if self.count_loss:
+            return self.loss.per_cell(count_parameters(out, batch), batch[TARGET_KEY])
         return self.loss.per_cell(out["recon"], batch[TARGET_KEY])
 
-    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def reconstruct(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reconstruction in the representation metrics use: the input's, for count likelihoods too."""
+        if not self.count_loss:
+            return out["recon"]
+        return self.input_view(expected_counts(count_parameters(out, batch)), batch.get(SIZE_FACTOR_KEY))
+
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str, *, log_loss: bool = True) -> torch.Tensor:
         out = self(batch[X_KEY])
         loss_n = self.loss_per_cell(out, batch)
         loss = reduce_per_cell(loss_n, None, self.loss.reduction)
         if stage == "train":
-            self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(loss_n))
+            if log_loss:
+                self._log_train_loss(loss, len(loss_n))
             return loss
-        target = batch[TARGET_KEY]
-        self.metrics[f"{stage}_model"].update(out["recon"], target, loss_n)
+        # Count likelihoods fit raw counts; their metrics (and the baselines') are taken in the input's space.
+        target = batch[X_KEY] if self.count_loss else batch[TARGET_KEY]
+        recon = self.reconstruct(out, batch)
+        self.metrics[f"{stage}_model"].update(recon, target, loss_n)
+        truth = batch.get(TRUTH_KEY)
+        if truth is not None:
+            self.truth_metrics[f"{stage}_model"].update(recon, truth)
         if self.with_baselines:
-            for who, recon in self.baselines(batch[X_KEY].float()).items():
-                self.metrics[f"{stage}_{who}"].update(recon, target, self.loss.per_cell(recon, target))
+            for who, baseline_recon in self.baselines(batch[X_KEY].float()).items():
+                baseline_loss_n = None if self.count_loss else self.loss.per_cell(baseline_recon, target)
+                self.metrics[f"{stage}_{who}"].update(baseline_recon, target, baseline_loss_n)
+                if truth is not None:
+                    self.truth_metrics[f"{stage}_{who}"].update(baseline_recon, truth)
         return loss
 
+    def _log_train_loss(self, loss: torch.Tensor, n_cells: int) -> None:
+        # Logged every step but read back to the host only every log_every_n_steps. On CUDA it stays off the
+        # progress bar, which would read it back (a sync that stalls the kernel queue) every step.
+        on_bar = self.device.type != "cuda"
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=on_bar, batch_size=n_cells)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        if self.automatic_optimization:
+            return self._shared_step(batch, "train")
+        if self._train_step is None:
+            self._train_step = TrainStep(
+                lambda b: self._shared_step(b, "train", log_loss=False),
+                self.optimizers().optimizer,
+                graph=True,
+                backward=self.manual_backward,
+            )
+            if self.device.type != "cuda":
+                log.info("module.compile=graph: CUDA graphs need a CUDA device; running the same step eagerly")
+        loss = self._train_step(batch)
+        count_optimizer_step(self.trainer)
+        self._log_train_loss(loss, batch[X_KEY].shape[0])
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        if not self.automatic_optimization:
+            step_epoch_schedulers(self.lr_schedulers(), self.trainer.callback_metrics, monitor=self.scheduler_monitor)
+
+    def _check_graph_supported(self) -> None:
+        trainer = self.trainer
+        if trainer.world_size > 1:
+            raise ValueError(
+                "module.compile=graph captures a single-device step; with several devices use compile=none or model"
+            )
+        if str(trainer.precision).startswith("16"):
+            raise ValueError(
+                f"module.compile=graph does not support precision={trainer.precision} (its grad scaler checks for "
+                "infs on the host every step); use bf16-mixed or 32-true"
+            )
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")
@@ -105,7 +210,10 @@ class AutoencoderModule(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         out = self(batch[X_KEY])
-        return {"z": out["z"].float(), "recon": out["recon"].float()}
+        result = {"z": out["z"].float(), "recon": self.reconstruct(out, batch).float()}
+        if self.count_loss:
+            result["expected_counts"] = expected_counts(count_parameters(out, batch)).float()
+        return result
 
     # ------------------------------------------------------------------ epoch ends
 
@@ -115,13 +223,51 @@ class AutoencoderModule(pl.LightningModule):
             prefix = f"{stage}/" if who == "model" else f"baseline/{who}/{stage}/"
             # Values are already exact global means (torchmetrics syncs sums), identical on every rank; a "max"
             # sync keeps them bit-exact (a "mean" would re-round) and tells Lightning they are synced.
-            for name, value in metric.compute().items():
+            values = metric.compute()
+            if who == "model" and self.count_loss and "loss" in values:
+                values["nll"] = values["loss"]  # the held-out NLL per cell, named for tables across losses
+            if who == "model":
+                values.update(self._dispersion_agreement())
+            truth = self.truth_metrics[f"{stage}_{who}"]
+            if truth.n_cells > 0:  # the same on every rank: a dataset has a truth layer or not
+                values.update(
+                    {f"truth_{k}": v for k, v in truth.compute().items() if k in ("cosine", "pearson", "mse")}
+                )
+            truth.reset()
+            for name, value in values.items():
                 show = who == "model" and name in ("loss", "cosine")
                 self.log(prefix + name, value, prog_bar=show, sync_dist=True, reduce_fx="max")
             metric.reset()
+
+    def _dispersion_agreement(self) -> dict[str, torch.Tensor]:
+        """Pearson and Spearman r of learned vs true per-gene log dispersions, where the data knows the truth."""
+        head = self.net.count_head if self.count_loss else None
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if head is None or head.log_theta_g is None or datamodule is None or datamodule.adata is None:
+            return {}
+        true = datamodule.adata.var.get("true_dispersion")
+        if true is None:
+            return {}
+        return dispersion_agreement(head.log_theta_g.detach(), torch.as_tensor(true.to_numpy()).log())
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
+
+
+def dispersion_agreement(log_theta_g: torch.Tensor, true_log_theta_g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Pearson r of two per-gene log dispersions, and Spearman r (Pearson of their ranks); NaN truths skipped."""
+    a, b = log_theta_g.double().cpu(), true_log_theta_g.double().cpu()
+    keep = torch.isfinite(b)
+    a, b = a[keep], b[keep]
+
+    def pearson(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        u, v = u - u.mean(), v - v.mean()
+        return ((u * v).sum() / (u.norm() * v.norm()).clamp_min(1e-12)).float()
+
+    def ranks(u: torch.Tensor) -> torch.Tensor:
+        return u.argsort().argsort().double()  # continuous values: ties have probability zero
+
+    return {"dispersion_pearson": pearson(a, b), "dispersion_spearman": pearson(ranks(a), ranks(b))}

@@ -9,16 +9,22 @@ With ``init="pca"`` (the default) the autoencoder is a PCA model plus nonlinear 
 and stay trainable; the last layer of each residual MLP starts at zero. Training therefore starts exactly at
 the PCA reconstruction and can only move away from it where the loss improves, which is why the default
 model does not end below the PCA baseline. ``init="random"`` is the classic MLP autoencoder (no linear path).
+
+With a ``count_head`` (declared by a count likelihood, see :mod:`exprae.counts`) ``x_hat`` is read as per-gene
+logits: the network returns log proportions ``log_rho`` (softmax over genes) and the dispersion / dropout /
+log-library outputs the loss needs instead of ``recon``; the PCA path then feeds the logits.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from exprae.counts import CountHead, CountHeadSpec
 
 Activation = Literal["relu", "gelu", "silu", "elu", "tanh", "leaky_relu"]
 Norm = Literal["none", "batch", "layer"]
@@ -62,7 +68,10 @@ def mlp(
 
 
 class AutoEncoder(nn.Module):
-    """MLP autoencoder for expression profiles; ``forward`` returns ``{"z": z_nk, "recon": x_hat_ng}``."""
+    """MLP autoencoder for expression profiles; ``forward`` returns ``{"z": z_nk, "recon": x_hat_ng}``.
+
+    With ``count_head`` it returns ``{"z", "log_rho", ...}`` (see :class:`exprae.counts.CountHead`).
+    """
 
     def __init__(
         self,
@@ -75,6 +84,7 @@ class AutoEncoder(nn.Module):
         dropout: float = 0.1,
         input_dropout: float = 0.0,
         init: Init = "pca",
+        count_head: CountHeadSpec | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if int(n_genes) < 1:
@@ -102,6 +112,14 @@ class AutoEncoder(nn.Module):
                 nn.init.zeros_(branch[-1].bias)
         else:
             self.linear_encoder = self.linear_decoder = None
+        self.count_head = None
+        if count_head is not None:
+            self.count_head = CountHead(
+                CountHeadSpec.coerce(count_head),
+                n_genes=self.n_genes,
+                n_hidden=hidden[0] if hidden else self.latent_dim,  # the decoder's last hidden width
+                library_hidden=hidden[-1] if hidden else self.latent_dim,
+            )
 
     @torch.no_grad()
     def init_from_pca(self, mean_g: torch.Tensor, components_kg: torch.Tensor) -> None:
@@ -130,11 +148,19 @@ class AutoEncoder(nn.Module):
 
     def decode(self, z_nk: torch.Tensor) -> torch.Tensor:
         """Reconstructed profile ``x_hat_ng`` from latent codes."""
-        x_hat_ng = self.decoder(z_nk)
+        return self._decode_with_hidden(z_nk)[1]
+
+    def _decode_with_hidden(self, z_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's last hidden layer ``h_nh`` (the count head's input) and its output ``x_hat_ng``."""
+        h_nh = self.decoder[:-1](z_nk)
+        x_hat_ng = self.decoder[-1](h_nh)
         if self.linear_decoder is not None:
             x_hat_ng = x_hat_ng + self.linear_decoder(z_nk)
-        return x_hat_ng
+        return h_nh, x_hat_ng
 
     def forward(self, x_ng: torch.Tensor) -> dict[str, torch.Tensor]:
         z_nk = self.encode(x_ng)
-        return {"z": z_nk, "recon": self.decode(z_nk)}
+        if self.count_head is None:
+            return {"z": z_nk, "recon": self.decode(z_nk)}
+        h_nh, logits_ng = self._decode_with_hidden(z_nk)
+        return {"z": z_nk, **self.count_head(logits_ng, h_nh, x_ng)}

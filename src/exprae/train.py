@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from exprae import rundir
 from exprae.data import ExpressionDataModule
+from exprae.hparams import log_final_hparams
 from exprae.module import AutoencoderModule
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,13 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
 
 def build(cfg: DictConfig) -> tuple[ExpressionDataModule, AutoencoderModule]:
     """Instantiate the datamodule (set up, so the gene count is known) and the LightningModule from ``cfg``."""
-    datamodule: ExpressionDataModule = hydra.utils.instantiate(cfg.data)
-    datamodule.setup("fit")
-    net = hydra.utils.instantiate(cfg.model, n_genes=datamodule.n_genes)
     loss = hydra.utils.instantiate(cfg.loss)
+    # A count likelihood declares the output head it needs; its target is raw counts, not the preprocessed input.
+    head = getattr(loss, "head", None)
+    datamodule: ExpressionDataModule = hydra.utils.instantiate(cfg.data, count_target=head is not None)
+    datamodule.setup("fit")
+    head_kwargs = {} if head is None else {"count_head": head.to_dict()}
+    net = hydra.utils.instantiate(cfg.model, n_genes=datamodule.n_genes, **head_kwargs)
     module = hydra.utils.instantiate(
         cfg.module,
         net=net,
@@ -113,9 +117,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         rundir.write_json(out_dir / rundir.METRICS_FILE, metrics)
+    log_final_hparams(  # Lightning's loggers write on rank 0 only
+        trainer.loggers,
+        _flat_hparams(cfg),
+        {f"hp/test_{k}": v for k, v in metrics["test"]["model"].items()},
+        step=trainer.global_step,
+    )
+    if trainer.is_global_zero:
         print(f"\nexprae run {out_dir}\n{format_report(metrics)}\n")
-    for lg in trainer.loggers:  # Lightning's loggers write on rank 0 only
-        lg.log_hyperparams(_flat_hparams(cfg), {f"hp/test_{k}": v for k, v in metrics["test"]["model"].items()})
     return metrics
 
 
