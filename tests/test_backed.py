@@ -143,9 +143,13 @@ def test_backed_matrix_reads_rows_and_refuses_csc(tmp_path):
         BackedMatrix(tmp_path / "csr.h5ad", layer="counts")
 
 
-def test_backed_needs_a_file():
+def test_backed_needs_a_file_and_refuses_what_it_does_not_stream(small_h5ad):
     with pytest.raises(ValueError, match=r"data\.backed=true streams an \.h5ad"):
         ExpressionDataModule(dataset="pbmc68k", backed=True).setup()
+    with pytest.raises(ValueError, match=r"count losses and data\.target_layer"):
+        ExpressionDataModule(dataset=None, path=str(small_h5ad), backed=True, count_target=True).setup()
+    with pytest.raises(ValueError, match="on_device=true"):
+        ExpressionDataModule(dataset=None, path=str(small_h5ad), backed=True, on_device=True).setup()
 
 
 @pytest.mark.parametrize("n_rows, world", [(539, 2), (91, 2), (100, 3), (7, 4)])
