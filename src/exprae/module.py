@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from exprae.baselines import Baselines
-from exprae.constants import LIBRARY_KEY, SIZE_FACTOR_KEY, TARGET_KEY, TRUTH_KEY, X_KEY
+from exprae.constants import LABEL_KEY, LIBRARY_KEY, SIZE_FACTOR_KEY, TARGET_KEY, TRUTH_KEY, X_KEY
 from exprae.counts import InputView, count_parameters, expected_counts
 from exprae.fast_step import (
     TrainStep,
@@ -21,7 +21,7 @@ from exprae.fast_step import (
     step_epoch_schedulers,
 )
 from exprae.losses import CountNLL, ReconstructionLoss, reduce_per_cell
-from exprae.metrics import ReconstructionMetrics
+from exprae.metrics import ReconstructionMetrics, knn_label_accuracy
 from exprae.nn import AutoEncoder
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,12 @@ class AutoencoderModule(pl.LightningModule):
     (``var["true_dispersion"]``) ``{stage}/dispersion_pearson`` and ``dispersion_spearman`` score the learned
     per-gene dispersions (on the log scale). On data with a noise-free profile (synthetic ``true_mean``) every
     scored reconstruction also gets ``truth_{cosine, pearson, mse}`` against it.
+
+    With an auxiliary latent loss (``aux_loss(z_nk, labels_n)``, e.g. :class:`~exprae.losses.OnlineTripletCosineLoss`)
+    the training loss is ``recon + aux_weight · aux``, and ``train/recon`` and ``train/aux`` are logged too.
+    When batches carry labels, ``{val,test}/knn_accuracy`` is the leave-one-out kNN label accuracy of the
+    latent codes (cosine, ``knn_k`` neighbours) within the stage's cells. The validation and test loaders
+    give every DDP rank all of their cells, so each rank computes the same, global value.
     """
 
     def __init__(
@@ -55,6 +61,9 @@ class AutoencoderModule(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         scheduler_monitor: str = "val/loss",
         baselines: bool = True,
+        aux_loss: nn.Module | None = None,
+        aux_weight: float = 1.0,
+        knn_k: int = 15,
         compile: str = "none",
     ) -> None:
         super().__init__()
@@ -64,6 +73,8 @@ class AutoencoderModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_monitor = scheduler_monitor
         self.with_baselines = baselines
+        self.aux_loss, self.aux_weight, self.knn_k = aux_loss, float(aux_weight), knn_k
+        self._latents: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {stage: [] for stage in EVAL_STAGES}
         self.count_loss = isinstance(loss, CountNLL)
         if self.count_loss and getattr(net, "count_head", None) is None:
             raise ValueError(
@@ -145,9 +156,13 @@ class AutoencoderModule(pl.LightningModule):
         loss_n = self.loss_per_cell(out, batch)
         loss = reduce_per_cell(loss_n, None, self.loss.reduction)
         if stage == "train":
+            if self.aux_loss is not None:
+                loss = self._add_aux(loss, out["z"], batch, log_terms=log_loss)
             if log_loss:
                 self._log_train_loss(loss, len(loss_n))
             return loss
+        if LABEL_KEY in batch:
+            self._latents[stage].append((out["z"].detach().float(), batch[LABEL_KEY]))
         # Count likelihoods fit raw counts; their metrics (and the baselines') are taken in the input's space.
         target = batch[X_KEY] if self.count_loss else batch[TARGET_KEY]
         recon = self.reconstruct(out, batch)
@@ -162,6 +177,18 @@ class AutoencoderModule(pl.LightningModule):
                 if truth is not None:
                     self.truth_metrics[f"{stage}_{who}"].update(baseline_recon, truth)
         return loss
+
+    def _add_aux(
+        self, recon: torch.Tensor, z_nk: torch.Tensor, batch: dict[str, torch.Tensor], *, log_terms: bool = True
+    ) -> torch.Tensor:
+        """Log the reconstruction and auxiliary terms; return ``recon + aux_weight · aux``."""
+        if LABEL_KEY not in batch:
+            raise KeyError("the auxiliary latent loss needs labels: set aux.label_key=<obs column>")
+        aux = self.aux_loss(z_nk, batch[LABEL_KEY])
+        if log_terms:  # not from inside a captured CUDA graph (module.compile=graph), which cannot log
+            self.log("train/recon", recon, on_step=False, on_epoch=True, batch_size=len(z_nk))
+            self.log("train/aux", aux, on_step=False, on_epoch=True, batch_size=len(z_nk))
+        return recon + self.aux_weight * aux
 
     def _log_train_loss(self, loss: torch.Tensor, n_cells: int) -> None:
         # Logged every step but read back to the host only every log_every_n_steps. On CUDA it stays off the
@@ -238,6 +265,10 @@ class AutoencoderModule(pl.LightningModule):
                 show = who == "model" and name in ("loss", "cosine")
                 self.log(prefix + name, value, prog_bar=show, sync_dist=True, reduce_fx="max")
             metric.reset()
+        if self._latents[stage]:
+            z_nk, labels_n = (torch.cat(parts) for parts in zip(*self._latents[stage], strict=True))
+            self.log(f"{stage}/knn_accuracy", knn_label_accuracy(z_nk, labels_n, k=self.knn_k))
+            self._latents[stage].clear()
 
     def _dispersion_agreement(self) -> dict[str, torch.Tensor]:
         """Pearson and Spearman r of learned vs true per-gene log dispersions, where the data knows the truth."""

@@ -43,10 +43,16 @@ def build(cfg: DictConfig) -> tuple[ExpressionDataModule, AutoencoderModule]:
     datamodule.setup("fit")
     head_kwargs = {} if head is None else {"count_head": head.to_dict()}
     net = hydra.utils.instantiate(cfg.model, n_genes=datamodule.n_genes, **head_kwargs)
+    aux = cfg.get("aux") or {}
+    aux_loss = hydra.utils.instantiate(aux["loss"]) if aux.get("loss") else None
+    if aux_loss is not None and datamodule.label_key is None:
+        raise ValueError("an auxiliary latent loss needs labels: set aux.label_key=<obs column>, e.g. bulk_labels")
     module = hydra.utils.instantiate(
         cfg.module,
         net=net,
         loss=loss,
+        aux_loss=aux_loss,
+        aux_weight=aux.get("weight", 0.0) if aux_loss is not None else 0.0,
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
     )
@@ -130,7 +136,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     """Scalar hyperparameters of the swappable parts, flattened for TensorBoard's HParams tab."""
-    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "loss", "optimizer") if k in cfg}
+    keep = {
+        k: OmegaConf.to_container(cfg[k], resolve=True)
+        for k in ("data", "model", "loss", "aux", "optimizer")
+        if k in cfg
+    }
     flat: dict[str, Any] = {"seed": cfg.get("seed")}
 
     def walk(prefix: str, node: Any) -> None:
