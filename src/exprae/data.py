@@ -16,6 +16,14 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from exprae.backed_data import (
+    BackedCells,
+    BufferDataset,
+    BufferedBatchLoader,
+    BufferSampler,
+    buffer_cells,
+    read_obs,
+)
 from exprae.constants import (
     INDEX_KEY,
     LABEL_KEY,
@@ -39,8 +47,8 @@ SIZE_FACTOR_OBS = "exprae_size_factor"
 # ---------------------------------------------------------------- reading and checking
 
 
-def read_h5ad(path: str | Path) -> ad.AnnData:
-    """Read an ``.h5ad`` file, turning a missing, foreign or corrupt file into an error that names it."""
+def read_h5ad_header(path: str | Path) -> Path:
+    """Check that ``path`` is an existing HDF5 file (what an ``.h5ad`` is); return it expanded."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DataFileNotFoundError(f"data file {path} does not exist")
@@ -50,6 +58,12 @@ def read_h5ad(path: str | Path) -> ad.AnnData:
         magic = f.read(8)
     if magic != b"\x89HDF\r\n\x1a\n":
         raise DataError(f"{path} is not an .h5ad file (not HDF5); write one with adata.write_h5ad()")
+    return path
+
+
+def read_h5ad(path: str | Path) -> ad.AnnData:
+    """Read an ``.h5ad`` file, turning a missing, foreign or corrupt file into an error that names it."""
+    path = read_h5ad_header(path)
     try:
         return ad.read_h5ad(path)
     except Exception as e:  # h5py/anndata raise many types for truncated or damaged files
@@ -211,8 +225,10 @@ def split_cells(
 class CellBatchSampler(Sampler[np.ndarray]):
     """Yields arrays of row indices, one per batch: seeded, reshuffled per epoch, sharded per DDP rank.
 
-    Each rank takes a disjoint slice of the epoch's permutation, and every rank gets the same number of
-    batches (the permutation is padded by wrapping around when the cells do not divide evenly).
+    Each rank takes a disjoint slice of the epoch's permutation. With ``pad`` (training) every rank gets the
+    same number of batches, which DDP needs: the permutation is padded by wrapping around when the cells do
+    not divide evenly. Without it (validation, test) no cell is seen twice, so metrics summed over ranks are
+    exact, and shard sizes differ by at most one cell.
     """
 
     def __init__(
@@ -225,12 +241,14 @@ class CellBatchSampler(Sampler[np.ndarray]):
         drop_last: bool = False,
         num_replicas: int = 1,
         rank: int = 0,
+        pad: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be positive, got {batch_size}")
         self.n_cells, self.batch_size, self.shuffle, self.seed = n_cells, batch_size, shuffle, seed
         self.drop_last, self.num_replicas, self.rank, self.epoch = drop_last, num_replicas, rank, 0
-        self.per_rank = math.ceil(n_cells / num_replicas)
+        self.pad = pad
+        self.per_rank = math.ceil(n_cells / num_replicas) if pad else len(range(rank, n_cells, num_replicas))
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at each epoch so the shuffle differs per epoch but not per run."""
@@ -244,7 +262,7 @@ class CellBatchSampler(Sampler[np.ndarray]):
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_cells)
         else:
             order = np.arange(self.n_cells)
-        total = self.per_rank * self.num_replicas
+        total = self.per_rank * self.num_replicas if self.pad else self.n_cells
         if total > self.n_cells:
             order = np.concatenate([order, order[: total - self.n_cells]])
         mine = order[self.rank : total : self.num_replicas]
@@ -355,6 +373,9 @@ class ExpressionDataModule(pl.LightningDataModule):
         pin_memory: bool = False,
         synthetic: dict[str, Any] | None = None,
         on_device: str | bool = "auto",
+        backed: bool = False,
+        chunk_size: int = 1024,
+        buffer_chunks: int = 8,
     ) -> None:
         super().__init__()
         if (dataset is None) == (path is None):
@@ -374,6 +395,9 @@ class ExpressionDataModule(pl.LightningDataModule):
 
         self.on_device = check_on_device(on_device)  # train/val batches made on the device: see device_data
         self._resident: dict[tuple[str, str], Any] = {}  # (split, device) -> DeviceBatches, uploaded once
+        # data.backed: the matrix stays on disk and is streamed (exprae.backed_data); obs is still in memory.
+        self.backed, self.chunk_size, self.buffer_chunks = backed, chunk_size, buffer_chunks
+        self.backed_cells: BackedCells | None = None
         self.adata: ad.AnnData | None = None  # preprocessed, all cells
         self.splits: dict[str, np.ndarray] = {}
         self.label_categories: list[str] | None = None
@@ -392,6 +416,9 @@ class ExpressionDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.adata is not None:
+            return
+        if self.backed:
+            self._setup_backed()
             return
         full = self.load_raw()
         adata = select_matrix(full, self.layer)
@@ -422,24 +449,7 @@ class ExpressionDataModule(pl.LightningDataModule):
                 "they carry no signal (select genes with data.preprocess.n_top_genes or filter them out)",
                 stacklevel=2,
             )
-        for key in (self.stratify_key, self.label_key):
-            if key is not None and key not in adata.obs:
-                raise MissingKeyError(f"obs column {key!r} not found in {what}; available: {list(adata.obs.columns)}")
-        self.splits = split_cells(
-            adata.n_obs,
-            val_fraction=self.val_fraction,
-            test_fraction=self.test_fraction,
-            seed=self.split_seed,
-            stratify=None if self.stratify_key is None else adata.obs[self.stratify_key].to_numpy(),
-        )
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ConfigError(
-                f"data.batch_size must be >= 1 and data.num_workers >= 0, got {self.batch_size} and {self.num_workers}"
-            )
-        if self.batch_size > len(self.splits["train"]):
-            raise ConfigError(
-                f"data.batch_size={self.batch_size} is larger than the {len(self.splits['train'])} training cells"
-            )
+        self._split(adata.obs, what)
         processed = self.preprocess.per_cell(adata)
         self.preprocess.fit(processed[self.splits["train"]])
         self.adata = self.preprocess.transform(adata)
@@ -454,6 +464,74 @@ class ExpressionDataModule(pl.LightningDataModule):
         if self.label_key is not None:
             labels = pd.Categorical(self.adata.obs[self.label_key])
             self.label_categories = [str(c) for c in labels.categories]
+
+    def _split(self, obs: pd.DataFrame, what: str) -> None:
+        """Check the obs keys and make the seeded train/val/test split."""
+        for key in (self.stratify_key, self.label_key):
+            if key is not None and key not in obs:
+                raise MissingKeyError(f"obs column {key!r} not found in {what}; available: {list(obs.columns)}")
+        self.splits = split_cells(
+            len(obs),
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            seed=self.split_seed,
+            stratify=None if self.stratify_key is None else obs[self.stratify_key].to_numpy(),
+        )
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ConfigError(
+                f"data.batch_size must be >= 1 and data.num_workers >= 0, got {self.batch_size} and {self.num_workers}"
+            )
+        if self.batch_size > len(self.splits["train"]):
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is larger than the {len(self.splits['train'])} training cells"
+            )
+
+    def _setup_backed(self) -> None:
+        """data.backed=true: obs in memory, matrix on disk; checks and preprocessing fit in one streaming pass."""
+        if self.path is None:
+            raise ConfigError("data.backed=true streams an .h5ad from disk: set data.path (and data.dataset=null)")
+        if self.count_target or self.target_layer is not None:
+            raise ConfigError(
+                "data.backed=true streams the input matrix only; count losses and data.target_layer need the "
+                "in-memory path (data.backed=false)"
+            )
+        if self.on_device is True:
+            raise ConfigError(
+                "data.on_device=true keeps the data on the GPU; it cannot be combined with data.backed=true"
+            )
+        read_h5ad_header(self.path)
+        cells = BackedCells(self.path, layer=self.layer, preprocess=self.preprocess, chunk_size=self.chunk_size)
+        obs = read_obs(self.path)
+        what = f"{self.source} ({cells.matrix.key})"
+        if len(obs) != cells.n_obs:
+            raise DataError(f"{what} has {cells.n_obs} rows but obs describes {len(obs)} cells")
+        if cells.n_obs == 0 or len(cells.var_names) == 0:
+            raise DataError(f"{what} is empty: {cells.n_obs} cells x {len(cells.var_names)} genes")
+        if not cells.var_names.is_unique:
+            dup = cells.var_names[cells.var_names.duplicated()].unique()[:5].tolist()
+            raise DataError(f"{what} has duplicated gene names, e.g. {dup}; run adata.var_names_make_unique()")
+        self._split(obs, what)
+        n_empty = 0
+
+        def check(x: Any, rows: np.ndarray) -> None:
+            nonlocal n_empty
+            check_matrix(
+                x,
+                obs_names=obs.index[rows],
+                var_names=cells.var_names,
+                nonnegative=self.preprocess.needs_nonnegative,
+                what=what,
+            )
+            n_empty += int(_all_zero(x, axis=1).sum())
+
+        cells.fit(self.splits["train"], check=check)
+        if n_empty:
+            warnings.warn(f"{what}: {n_empty} cells have all-zero profiles; their cosine is defined as 0", stacklevel=2)
+        self.backed_cells = cells
+        # Annotations only: X stays in the file, so n_obs/var_names/split_table/contract work as in memory.
+        self.adata = ad.AnnData(obs=obs, var=pd.DataFrame(index=self.preprocess.genes))
+        if self.label_key is not None:
+            self.label_categories = [str(c) for c in pd.Categorical(obs[self.label_key]).categories]
 
     def _attach_target(self, full: ad.AnnData, selected: ad.AnnData) -> None:
         """Keep the target for the kept genes: raw counts (count likelihoods) or preprocessed like the input."""
@@ -526,6 +604,11 @@ class ExpressionDataModule(pl.LightningDataModule):
 
     def train_chunks(self, chunk_size: int = 4096) -> Iterator[torch.Tensor]:
         """Dense float32 chunks of the training cells, for fitting baselines and PCA initialisation."""
+        if self.backed_cells is not None:
+            # Streamed data: chunks no larger than a shuffle buffer, so this pass stays within the same memory.
+            buffer = buffer_cells(chunk_size=self.chunk_size, buffer_chunks=self.buffer_chunks, batch_size=1)
+            yield from self.backed_cells.dense_chunks(self.splits["train"], chunk_size=min(chunk_size, buffer))
+            return
         data = self.split_dataset("train")
         for start in range(0, len(data), chunk_size):
             yield data[np.arange(start, min(start + chunk_size, len(data)))][X_KEY]
@@ -534,16 +617,20 @@ class ExpressionDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
 
-    def _loader(self, split: str, *, shuffle: bool, resident: bool = False) -> DataLoader:
-        data = self.split_dataset(split)
+    def _loader(self, split: str, *, shuffle: bool, resident: bool = False) -> DataLoader | BufferedBatchLoader:
+        # Every split is sharded across DDP ranks; only training pads shards to equal length (see the sampler).
         world, rank = self._rank_info()
+        if self.backed_cells is not None:
+            return self._backed_loader(split, shuffle=shuffle, world=world, rank=rank)
+        data = self.split_dataset(split)
         sampler = CellBatchSampler(
             len(data),
             self.batch_size,
             shuffle=shuffle,
             seed=self.split_seed,
-            num_replicas=world if shuffle else 1,
-            rank=rank if shuffle else 0,
+            num_replicas=world,
+            rank=rank,
+            pad=shuffle,
         )
         if resident:
             from exprae.device_data import DeviceBatches, resident_nbytes, use_device_path
@@ -557,6 +644,28 @@ class ExpressionDataModule(pl.LightningDataModule):
                 self._resident[key].sampler = sampler
                 return self._resident[key]
         return batch_loader(data, sampler, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def _backed_loader(self, split: str, *, shuffle: bool, world: int, rank: int) -> BufferedBatchLoader:
+        rows = self.splits[split]
+        codes = None
+        if self.label_key is not None:
+            codes = pd.Categorical(self.adata.obs[self.label_key], categories=self.label_categories).codes
+        sampler = BufferSampler(
+            rows,
+            chunk_size=self.chunk_size,
+            buffer_size=buffer_cells(
+                chunk_size=self.chunk_size, buffer_chunks=self.buffer_chunks, batch_size=self.batch_size
+            ),
+            shuffle=shuffle,
+            seed=self.split_seed,
+            num_replicas=world,
+            rank=rank,
+            pad=shuffle,
+        )
+        dataset = BufferDataset(self.backed_cells, split_rows=rows, label_codes=codes)
+        return BufferedBatchLoader(
+            dataset, sampler, batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True, resident=True)

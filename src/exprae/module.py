@@ -248,7 +248,8 @@ class AutoencoderModule(pl.LightningModule):
         for who in SCORED if self.with_baselines else ("model",):
             metric = self.metrics[f"{stage}_{who}"]
             prefix = f"{stage}/" if who == "model" else f"baseline/{who}/{stage}/"
-            # Values are already exact global means (torchmetrics syncs sums), so no sync_dist here.
+            # Values are already exact global means (torchmetrics syncs sums), identical on every rank; a "max"
+            # sync keeps them bit-exact (a "mean" would re-round) and tells Lightning they are synced.
             values = metric.compute()
             if who == "model" and self.count_loss and "loss" in values:
                 values["nll"] = values["loss"]  # the held-out NLL per cell, named for tables across losses
@@ -261,7 +262,8 @@ class AutoencoderModule(pl.LightningModule):
                 )
             truth.reset()
             for name, value in values.items():
-                self.log(prefix + name, value, prog_bar=who == "model" and name in ("loss", "cosine"))
+                show = who == "model" and name in ("loss", "cosine")
+                self.log(prefix + name, value, prog_bar=show, sync_dist=True, reduce_fx="max")
             metric.reset()
         if self._latents[stage]:
             z_nk, labels_n = (torch.cat(parts) for parts in zip(*self._latents[stage], strict=True))

@@ -73,18 +73,22 @@ class Preprocessing:
             mean = np.asarray(x.mean(axis=0)).ravel().astype(np.float64)
             sq = x.multiply(x).mean(axis=0) if sp.issparse(x) else np.square(x).mean(axis=0)
             var = np.asarray(sq).ravel() - mean**2
-            std = np.sqrt(np.clip(var * adata.n_obs / max(adata.n_obs - 1, 1), 0, None))
-            zero = std == 0
-            if zero.any():
-                names = ", ".join(np.asarray(genes)[zero][:5])
-                warnings.warn(
-                    f"{int(zero.sum())} genes have zero variance in the training cells ({names}, ...); "
-                    "scaling leaves them centred at 0 instead of dividing by 0",
-                    stacklevel=2,
-                )
-            std[zero] = 1.0
-            self.scale_mean, self.scale_std = mean.tolist(), std.tolist()
+            self.set_scale(mean, var * adata.n_obs / max(adata.n_obs - 1, 1))
         return self
+
+    def set_scale(self, mean_g: np.ndarray, var_g: np.ndarray) -> None:
+        """Record scaling statistics of the kept genes from their mean and unbiased variance."""
+        std = np.sqrt(np.clip(np.asarray(var_g, dtype=np.float64), 0, None))
+        zero = std == 0
+        if zero.any():
+            names = ", ".join(np.asarray(self.genes)[zero][:5])
+            warnings.warn(
+                f"{int(zero.sum())} genes have zero variance in the training cells ({names}, ...); "
+                "scaling leaves them centred at 0 instead of dividing by 0",
+                stacklevel=3,
+            )
+        std[zero] = 1.0
+        self.scale_mean, self.scale_std = np.asarray(mean_g, dtype=np.float64).tolist(), std.tolist()
 
     def transform(self, adata: ad.AnnData) -> ad.AnnData:
         """Apply the fitted steps: per-cell steps, gene subset, scaling (sparse stays sparse unless scaled)."""

@@ -128,9 +128,11 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
     if ckpt_path is not None:
         check_resume(ckpt_path, module=module, contract=datamodule.contract(), out_dir=out_dir)
 
-    rundir.write_json(out_dir / rundir.CONTRACT_FILE, datamodule.contract())
-    rundir.write_text_atomic(out_dir / rundir.SPLIT_FILE, datamodule.split_table().to_csv(index=False))
-    rundir.write_json(out_dir / rundir.ENVIRONMENT_FILE, {"seed": cfg.get("seed"), **rundir.environment()})
+    # Under DDP every rank runs this function; the run directory is written once, by global rank 0.
+    if trainer.is_global_zero:
+        rundir.write_json(out_dir / rundir.CONTRACT_FILE, datamodule.contract())
+        rundir.write_text_atomic(out_dir / rundir.SPLIT_FILE, datamodule.split_table().to_csv(index=False))
+        rundir.write_json(out_dir / rundir.ENVIRONMENT_FILE, {"seed": cfg.get("seed"), **rundir.environment()})
     log.info("training on %s: %d cells x %d genes", datamodule.source, datamodule.adata.n_obs, datamodule.n_genes)
     # weights_only: resuming reads tensors and plain data only, never code from the checkpoint.
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -150,14 +152,16 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
         "val": _stage_metrics(val, "val"),
         "test": _stage_metrics(test, "test"),
     }
-    rundir.write_json(out_dir / rundir.METRICS_FILE, metrics)
-    log_final_hparams(
+    if trainer.is_global_zero:
+        rundir.write_json(out_dir / rundir.METRICS_FILE, metrics)
+    log_final_hparams(  # Lightning's loggers write on rank 0 only
         trainer.loggers,
         _flat_hparams(cfg),
         {f"hp/test_{k}": v for k, v in metrics["test"]["model"].items()},
         step=trainer.global_step,
     )
-    print(f"\nexprae run {out_dir}\n{format_report(metrics)}\n")
+    if trainer.is_global_zero:
+        print(f"\nexprae run {out_dir}\n{format_report(metrics)}\n")
     return metrics
 
 
