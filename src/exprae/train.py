@@ -92,6 +92,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     rundir.write_json(out_dir / rundir.CONTRACT_FILE, datamodule.contract())
     rundir.write_text_atomic(out_dir / rundir.SPLIT_FILE, datamodule.split_table().to_csv(index=False))
     rundir.write_json(out_dir / rundir.ENVIRONMENT_FILE, {"seed": cfg.get("seed"), **rundir.environment()})
+    rundir.write_config(out_dir, cfg)  # train(cfg) from Python: keep the run loadable by exprae.load
 
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
