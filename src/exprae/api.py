@@ -281,13 +281,15 @@ class _InputMatrix:
                 f"with zeros (first: {', '.join(self.missing[:5])}); per-cell metrics use the {len(genes) - len(self.missing)} "
                 "genes present, but latents and reconstructions of these cells are less reliable",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,  # the user's embed()/transform() call
             )
+        self.present_g = ~genes.isin(self.missing)
         # normalize_total sums over every gene of the data, so its NaNs matter even outside the model's genes.
-        used = np.arange(len(var_names)) if model.preprocess.normalize_total is not None else None
-        if used is None:
-            used = var_names.get_indexer(genes[genes.isin(var_names)])
-        x = sp.csr_matrix(x) if sp.issparse(x) and not sp.isspmatrix_csr(x) else x
+        if model.preprocess.normalize_total is not None:
+            used = np.arange(len(var_names))
+        else:
+            used = var_names.get_indexer(genes[self.present_g])
+        x = sp.csr_matrix(x) if sp.issparse(x) and x.format != "csr" else x  # row blocks are cheap from CSR
         check_matrix(
             x[:, used] if len(used) < len(var_names) else x,
             obs_names=obs_names,
@@ -296,7 +298,6 @@ class _InputMatrix:
             what=f"data ({layer})",
         )
         self.model, self.x, self.obs_names, self.var_names, self.layer = model, x, obs_names, var_names, layer
-        self.present_g = ~genes.isin(self.missing)
 
     @classmethod
     def from_adata(

@@ -37,7 +37,7 @@ def cosine_histogram(ax: Axes, cosines: Mapping[str, np.ndarray], *, bins: int =
         ax.axvline(med, color=color, linestyle="--", linewidth=1)
     ax.set_xlabel("per-cell cosine(reconstruction, input)")
     ax.set_ylabel("cells")
-    ax.legend(loc="upper left", fontsize="small", frameon=False)
+    ax.legend(loc="upper right", fontsize="small", frameon=False)
     return ax
 
 
