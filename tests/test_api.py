@@ -219,3 +219,17 @@ def test_hvg_model_applies_the_saved_preprocessing(tmp_path):
     negative.X = negative.X.toarray() - 1
     with pytest.raises(ValueError, match="negative"):
         exprae.embed(model, negative)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: checks embed on the GPU matches the CPU")
+def test_embed_on_gpu_matches_cpu(pbmc_run, pbmc):
+    sparse = pbmc.copy()
+    sparse.X = sp.csr_matrix(sparse.X)
+    on_cpu = exprae.embed(exprae.load(pbmc_run, device="cpu"), sparse, copy=True)
+    gpu_model = exprae.load(pbmc_run, device="cuda")
+    assert gpu_model.device.type == "cuda"
+    on_gpu = exprae.embed(gpu_model, sparse, copy=True, batch_size=256)
+    np.testing.assert_allclose(on_gpu.obsm["X_exprae"], on_cpu.obsm["X_exprae"], rtol=2e-3, atol=1e-3)
+    np.testing.assert_allclose(on_gpu.obs["exprae_cosine"], on_cpu.obs["exprae_cosine"], rtol=2e-3, atol=1e-3)
+    np.testing.assert_allclose(on_gpu.var["exprae_gene_r"], on_cpu.var["exprae_gene_r"], rtol=2e-3, atol=1e-3)
