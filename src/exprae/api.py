@@ -22,7 +22,7 @@ run used ``n_top_genes``), after the run's normalisation, log and scaling. ``emb
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -459,15 +459,3 @@ def _settings(
             "var": f"{key_added}_gene_r",
         },
     }
-
-
-def cells_by_quality(
-    adata: ad.AnnData, *, key: str = "exprae", which: Sequence[str] = ("best", "median", "worst")
-) -> dict[str, str]:
-    """Names of the cells with the best, median and worst reconstruction cosine (after :func:`embed`)."""
-    cos = adata.obs[f"{key}_cosine"].sort_values()
-    picks = {"worst": cos.index[0], "median": cos.index[len(cos) // 2], "best": cos.index[-1]}
-    unknown = set(which) - set(picks)
-    if unknown:
-        raise ValueError(f"which must be among {sorted(picks)}, got {sorted(unknown)}")
-    return {w: str(picks[w]) for w in which}
