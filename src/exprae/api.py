@@ -226,6 +226,11 @@ def load(path: str | Path, *, device: str | torch.device = "auto") -> ExpraeMode
     baselines = Baselines(net.n_genes, net.latent_dim)
 
     state = _read_state_dict(checkpoint)
+    if any(k.startswith(("net.count_head.", "input_view.")) for k in state):
+        raise ValueError(
+            f"{checkpoint} was trained with a count likelihood ({config['loss'].get('_target_')}); exprae.load and "
+            "exprae.embed apply models trained with mse/cosine/mixed/pearson losses only, for now"
+        )
     for name, part in (("net.", net), ("baselines.", baselines)):
         result = part.load_state_dict(_sub_state(state, name), strict=False)
         if result.missing_keys or result.unexpected_keys:

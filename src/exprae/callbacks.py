@@ -10,7 +10,7 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
-from exprae import plotting
+from exprae import reconstruction_plots as plotting
 from exprae.constants import TARGET_KEY, X_KEY
 from exprae.losses import cosine_similarity
 

@@ -1,4 +1,4 @@
-"""Figures of reconstruction quality, shared by the TensorBoard callback and the inspection notebook.
+"""Figures of per-cell reconstruction quality, shared by the TensorBoard callback and the inspection notebook.
 
 Each function draws on a matplotlib ``Axes`` it is given, so a notebook lays out its own grid and the
 callback renders off-screen (``matplotlib.figure.Figure`` + Agg canvas, no pyplot state, no GUI backend).
