@@ -32,3 +32,17 @@ def test_settings_are_checked():
         ReconstructionFigures(every_n_epochs=0)
     with pytest.raises(ValueError, match="max_cells must be >= 3"):
         ReconstructionFigures(max_cells=1)
+
+
+def test_count_likelihood_run_gets_figures_and_a_clear_refusal_from_load(tmp_path):
+    """Count models are drawn in the input's space; exprae.load says it does not apply them yet."""
+    import exprae
+    from conftest import train_run
+
+    data = ["data=synthetic", "data.synthetic.n_cells=200", "data.synthetic.n_genes=100", "data.batch_size=32"]
+    run = train_run(tmp_path / "run", "loss=nb", *data, "trainer.max_epochs=1", "model.latent_dim=4")
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert set(events.Tags()["images"]) == {"reconstruction/cosine_histogram", "reconstruction/cells"}
+    with pytest.raises(ValueError, match="trained with a count likelihood"):
+        exprae.load(run)

@@ -62,8 +62,12 @@ class ReconstructionFigures(pl.Callback):
         if not self._drawing:
             return
         with torch.no_grad():
-            x_ng, target_ng = batch[X_KEY].float(), batch[TARGET_KEY].float()
-            recon_ng = pl_module(x_ng)["recon"].float()
+            x_ng = batch[X_KEY].float()
+            out = pl_module(x_ng)
+            # As the module scores it: count likelihoods are compared in the input's space, with the input.
+            count_loss = getattr(pl_module, "count_loss", False)
+            target_ng = (x_ng if count_loss else batch[TARGET_KEY]).float()
+            recon_ng = (pl_module.reconstruct(out, batch) if count_loss else out["recon"]).float()
             recons = {"model": recon_ng}
             if getattr(pl_module, "with_baselines", False):
                 recons.update(pl_module.baselines(x_ng))
