@@ -13,7 +13,7 @@ EXPERIMENT ?= loss_sweep
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install install-launchers train sweep compare test test-fast lint format tensorboard bench clean
+.PHONY: help install install-launchers train sweep compare test test-fast lint format tensorboard bench strip-notebooks clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ bench: $(STAMP) ## training-speed table: exprae vs a per-cell DataLoader vs scvi
 
 tensorboard: $(STAMP) ## open TensorBoard on every run under outputs/ and multirun/
 	$(VENV)/bin/tensorboard --logdir . --bind_all
+
+strip-notebooks: $(STAMP) ## remove outputs from notebooks/*.ipynb (they are committed without outputs)
+	$(PY) scripts/strip_notebooks.py
 
 clean: ## remove caches (keeps .venv and your runs)
 	rm -rf .pytest_cache .ruff_cache build src/*.egg-info

@@ -51,3 +51,24 @@ def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 
     yield _compose
     GlobalHydra.instance().clear()
+
+
+def train_run(out_dir: Path, *overrides: str) -> Path:
+    """Train a short real run into ``out_dir`` (composed from the real configs); return the run directory."""
+    from exprae.train import train
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*FAST, *overrides], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+        cfg.hydra.runtime.output_dir = str(out_dir)
+    train(cfg)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def pbmc_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-epoch pbmc68k run (all 765 genes, X as given), trained once per session; treat as read-only."""
+    return train_run(tmp_path_factory.mktemp("pbmc_run"), "trainer.max_epochs=3", "model.latent_dim=8")

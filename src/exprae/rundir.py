@@ -48,6 +48,22 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"cannot write {type(o).__name__} to JSON")
 
 
+def write_config(out_dir: str | Path, cfg: Any) -> Path | None:
+    """Save the composed config as ``.hydra/config.yaml`` when Hydra did not (a run started from Python).
+
+    ``exprae.load`` rebuilds the network from this file, so a run trained with ``train(cfg)`` in a notebook
+    is as loadable as one from ``exprae-train``. An existing file (Hydra's own) is left untouched.
+    """
+    from omegaconf import OmegaConf
+
+    path = Path(out_dir) / CONFIG_FILE
+    if path.exists():
+        return None
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)  # Hydra keeps its own settings in hydra.yaml, not config.yaml
+    return write_text_atomic(path, OmegaConf.to_yaml(OmegaConf.create(container)))
+
+
 def read_json(path: str | Path) -> Any:
     """Read a JSON file written by :func:`write_json`, with an error that names a missing file."""
     path = Path(path)

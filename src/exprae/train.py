@@ -133,6 +133,7 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
         rundir.write_json(out_dir / rundir.CONTRACT_FILE, datamodule.contract())
         rundir.write_text_atomic(out_dir / rundir.SPLIT_FILE, datamodule.split_table().to_csv(index=False))
         rundir.write_json(out_dir / rundir.ENVIRONMENT_FILE, {"seed": cfg.get("seed"), **rundir.environment()})
+        rundir.write_config(out_dir, cfg)  # train(cfg) from Python: keep the run loadable by exprae.load
     log.info("training on %s: %d cells x %d genes", datamodule.source, datamodule.adata.n_obs, datamodule.n_genes)
     # weights_only: resuming reads tensors and plain data only, never code from the checkpoint.
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

@@ -1,0 +1,191 @@
+"""Prediction entry point (``exprae-predict``): embed an ``.h5ad`` with a trained run, write a new ``.h5ad``.
+
+exprae-predict ckpt=outputs/2026-01-01/12-00-00 data.path=new.h5ad out=new_with_ae.h5ad
+exprae-predict ckpt=run/checkpoints/last.ckpt data.path=new.h5ad out=new.h5ad overwrite=true allow_missing_genes=true
+
+Arguments use Hydra's ``key=value`` syntax and are checked against :class:`PredictConfig` (a misspelt key or
+a wrong type is an error naming the valid keys). The model's saved preprocessing is always applied; an
+existing output is never replaced without ``overwrite=true``, and the output appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+
+VALID_KEYS = (
+    "ckpt, data.path, data.layer, data.preprocess.*, out, overwrite, key_added, batch_size, allow_missing_genes, "
+    "baselines, device"
+)
+USAGE = "usage: exprae-predict ckpt=RUN_DIR_OR_CKPT data.path=IN.h5ad out=OUT.h5ad [overwrite=true] [key=value ...]"
+
+
+@dataclass
+class DataConfig:
+    """The cells to embed."""
+
+    path: str = "???"
+    layer: str | None = None  # None: the matrix the model was trained on
+    # Only to state expectations: every value given must equal the model's saved preprocessing.
+    preprocess: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PredictConfig:
+    """Everything ``exprae-predict`` accepts."""
+
+    ckpt: str = "???"  # run directory or checkpoint file
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str = "???"
+    overwrite: bool = False
+    key_added: str = "exprae"
+    batch_size: int = 1024
+    allow_missing_genes: bool = False
+    baselines: bool = False  # also write the mean-profile and PCA baselines' per-cell cosine
+    device: str = "auto"  # auto (GPU when present), cpu, cuda, cuda:1, ...
+
+
+class PredictError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+def parse_args(argv: Sequence[str]) -> PredictConfig:
+    """``key=value`` arguments merged onto :class:`PredictConfig`, with OmegaConf's type and key checks."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise PredictError(f"arguments must be key=value, got {bad}\n{USAGE}")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(PredictConfig), OmegaConf.from_dotlist(list(argv)))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise PredictError(f"{f'{key}: ' if key else ''}{str(e).splitlines()[0]} (valid keys: {VALID_KEYS})") from e
+    missing = [k for k in ("ckpt", "data.path", "out") if _is_missing(cfg, k)]
+    if missing:
+        raise PredictError(f"missing required argument(s): {', '.join(f'{k}=...' for k in missing)}\n{USAGE}")
+    return OmegaConf.to_object(cfg)
+
+
+def _is_missing(cfg: Any, dotted: str) -> bool:
+    from omegaconf import OmegaConf
+
+    parent, _, key = dotted.rpartition(".")
+    return OmegaConf.is_missing(OmegaConf.select(cfg, parent) if parent else cfg, key)
+
+
+def check_preprocess(requested: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Refuse a preprocessing that differs from the one the model was trained with (it would not be applied)."""
+    unknown = sorted(set(requested) - set(saved))
+    if unknown:
+        raise PredictError(f"unknown data.preprocess key(s) {unknown}; valid: {sorted(saved)}")
+    differ = {k: (v, saved[k]) for k, v in requested.items() if v != saved[k]}
+    if differ:
+        details = "; ".join(
+            f"data.preprocess.{k}={v!r} but the model was trained with {s!r}" for k, (v, s) in differ.items()
+        )
+        raise PredictError(
+            f"different preprocessing requested: {details}. exprae-predict always applies the model's saved "
+            "preprocessing (a model only understands data prepared as it was trained); drop these arguments, or "
+            "train a model with that preprocessing"
+        )
+
+
+def write_h5ad_atomic(adata: ad.AnnData, path: str | Path, *, overwrite: bool) -> Path:
+    """Write ``adata`` to a temporary file next to ``path`` and move it into place in one step.
+
+    A failure (disk full, interrupt) leaves no partial ``path``; without ``overwrite`` an existing file is
+    never replaced, even one created while writing (the final step is a hard link, which refuses to clobber).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=true to replace it")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.h5ad")
+    os.close(fd)
+    try:
+        adata.write_h5ad(tmp)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} appeared while writing; pass overwrite=true to replace it") from None
+            except OSError:  # a filesystem without hard links: re-check, then rename
+                if path.exists():
+                    raise FileExistsError(f"{path} exists; pass overwrite=true to replace it") from None
+                os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def predict(cfg: PredictConfig) -> ad.AnnData:
+    """Load the model, embed the data, write the output; returns the embedded AnnData."""
+    from exprae.api import embed, load
+    from exprae.data import read_h5ad
+
+    out = Path(cfg.out).expanduser()
+    # Fail before any work: an existing output, or a folder that is not there.
+    if out.exists() and not cfg.overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=true to replace it")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"output folder {out.parent} does not exist")
+    if out.suffix != ".h5ad":
+        raise PredictError(f"out={out} should end in .h5ad")
+    model = load(cfg.ckpt, device=cfg.device)
+    check_preprocess(dict(cfg.data.preprocess), model.preprocess.settings())
+    adata = read_h5ad(cfg.data.path)
+    embed(
+        model,
+        adata,
+        layer=cfg.data.layer,
+        key_added=cfg.key_added,
+        batch_size=cfg.batch_size,
+        allow_missing_genes=cfg.allow_missing_genes,
+        baselines=cfg.baselines,
+    )
+    write_h5ad_atomic(adata, out, overwrite=cfg.overwrite)
+    return adata
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit code (0 done, 1 failed, 2 bad arguments)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"{USAGE}\n\n{__doc__}")
+        return 0 if argv else 2
+    try:
+        cfg = parse_args(argv)
+    except PredictError as e:
+        print(f"exprae-predict: error: {e}", file=sys.stderr)
+        return 2
+    from exprae.api import GeneMismatchError, UnsafeCheckpointError
+
+    try:
+        adata = predict(cfg)
+    except (PredictError, GeneMismatchError, UnsafeCheckpointError, FileNotFoundError, FileExistsError) as e:
+        print(f"exprae-predict: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, KeyError) as e:  # bad data: NaN, negatives, a missing layer, a foreign file
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"exprae-predict: error: {message}", file=sys.stderr)
+        return 1
+    cos = adata.obs[f"{cfg.key_added}_cosine"]
+    print(
+        f"exprae-predict: {adata.n_obs} cells embedded; reconstruction cosine median {cos.median():.4f} "
+        f"(10th percentile {cos.quantile(0.1):.4f}); wrote {cfg.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
