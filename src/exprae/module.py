@@ -10,13 +10,17 @@ import torch
 from torch import nn
 
 from exprae.baselines import Baselines
-from exprae.constants import TARGET_KEY, X_KEY
+from exprae.constants import INDEX_KEY, TARGET_KEY, TRUTH_KEY, X_KEY
 from exprae.losses import ReconstructionLoss, reduce_per_cell
+from exprae.masking import hidden_entries
 from exprae.metrics import ReconstructionMetrics
 from exprae.nn import AutoEncoder
 
 EVAL_STAGES = ("val", "test")
 SCORED = ("model", "mean", "pca")  # the model and the two baselines, scored on the same cells
+# Further scores of the same reconstructions, and how their metric names are logged: against the noise-free
+# truth (synthetic data), and on entries hidden from the encoder (the imputation score, ``mask_fraction``).
+EXTRA_SCORES = {"truth": "{}_to_truth", "masked": "masked_{}"}
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -24,7 +28,9 @@ class AutoencoderModule(pl.LightningModule):
 
     Logged keys: ``train/loss`` every ``log_every_n_steps``; each validation epoch ``val/{loss, mse, cosine,
     pearson, cosine_median, cosine_p10}`` for the model and ``baseline/{mean,pca}/val/...`` for the
-    baselines; the same under ``test/`` after testing.
+    baselines; the same under ``test/`` after testing. When batches carry the noise-free truth
+    (``true_mean``) also ``val/{cosine,pearson,mse,...}_to_truth``; with ``mask_fraction > 0`` also
+    ``val/masked_{cosine,pearson,mse,...}`` on entries hidden from the encoder (:mod:`exprae.masking`).
     """
 
     def __init__(
@@ -36,6 +42,8 @@ class AutoencoderModule(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         scheduler_monitor: str = "val/loss",
         baselines: bool = True,
+        mask_fraction: float = 0.0,
+        mask_seed: int = 0,
     ) -> None:
         super().__init__()
         self.net = net
@@ -44,10 +52,18 @@ class AutoencoderModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_monitor = scheduler_monitor
         self.with_baselines = baselines
+        if not 0.0 <= float(mask_fraction) < 1.0:
+            raise ValueError(f"module.mask_fraction must lie in [0, 1), got {mask_fraction}")
+        self.mask_fraction, self.mask_seed = float(mask_fraction), int(mask_seed)
         # Baselines are needed for the PCA start even when they are not reported.
         self.baselines = Baselines(net.n_genes, net.latent_dim)
         self.metrics = nn.ModuleDict(
-            {f"{stage}_{who}": ReconstructionMetrics() for stage in EVAL_STAGES for who in SCORED}
+            {
+                f"{stage}_{who}{suffix}": ReconstructionMetrics()
+                for stage in EVAL_STAGES
+                for who in SCORED
+                for suffix in ("", *(f"_{extra}" for extra in EXTRA_SCORES))
+            }
         )
 
     # ------------------------------------------------------------------ set-up
@@ -89,10 +105,30 @@ class AutoencoderModule(pl.LightningModule):
             return loss
         target = batch[TARGET_KEY]
         self.metrics[f"{stage}_model"].update(out["recon"], target, loss_n)
+        recons = {"model": out["recon"]}
         if self.with_baselines:
             for who, recon in self.baselines(batch[X_KEY].float()).items():
                 self.metrics[f"{stage}_{who}"].update(recon, target, self.loss.per_cell(recon, target))
+                recons[who] = recon
+        if TRUTH_KEY in batch:
+            for who, recon in recons.items():
+                self.metrics[f"{stage}_{who}_truth"].update(recon, batch[TRUTH_KEY])
+        if self.mask_fraction > 0:
+            self._score_masked(batch, stage)
         return loss
+
+    def _score_masked(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        """Hide entries of the input, reconstruct, and score the model and baselines on the hidden ones."""
+        x_ng = batch[X_KEY]
+        hidden_ng = hidden_entries(
+            x_ng, batch[INDEX_KEY], fraction=self.mask_fraction, seed=self.mask_seed, stream=stage
+        )
+        x_masked_ng = x_ng.masked_fill(hidden_ng, 0.0)
+        recons = {"model": self(x_masked_ng)["recon"]}
+        if self.with_baselines:
+            recons.update(self.baselines(x_masked_ng.float()))
+        for who, recon in recons.items():
+            self.metrics[f"{stage}_{who}_masked"].update(recon, batch[TARGET_KEY], mask_ng=hidden_ng)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
@@ -111,12 +147,19 @@ class AutoencoderModule(pl.LightningModule):
 
     def _log_eval(self, stage: str) -> None:
         for who in SCORED if self.with_baselines else ("model",):
-            metric = self.metrics[f"{stage}_{who}"]
             prefix = f"{stage}/" if who == "model" else f"baseline/{who}/{stage}/"
-            # Values are already exact global means (torchmetrics syncs sums), so no sync_dist here.
-            for name, value in metric.compute().items():
-                self.log(prefix + name, value, prog_bar=who == "model" and name in ("loss", "cosine"))
-            metric.reset()
+            for suffix, pattern in (("", "{}"), *((f"_{e}", p) for e, p in EXTRA_SCORES.items())):
+                metric = self.metrics[f"{stage}_{who}{suffix}"]
+                if metric.update_count == 0:  # no truth in this data, or masking off
+                    continue
+                # Values are already exact global means (torchmetrics syncs sums), so no sync_dist here.
+                for name, value in metric.compute().items():
+                    self.log(
+                        prefix + pattern.format(name),
+                        value,
+                        prog_bar=who == "model" and suffix == "" and name in ("loss", "cosine"),
+                    )
+                metric.reset()
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
