@@ -9,9 +9,10 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.exprae-installed
 ARGS ?=
 SWEEP ?=
+EXPERIMENT ?= loss_sweep
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format tensorboard clean
+.PHONY: help install install-launchers train sweep compare test test-fast lint format tensorboard clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,8 +25,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv (if missing) and install exprae with its dev tools
 
+install-launchers: $(STAMP) ## add the joblib (local parallel) and submitit (SLURM) Hydra launchers
+	$(PY) -m pip install -q -e ".[dev,launchers]"
+
 train: $(STAMP) ## train the default config on the bundled pbmc68k data (extra Hydra overrides: ARGS="loss=cosine")
 	$(VENV)/bin/exprae-train $(ARGS)
+
+sweep: $(STAMP) ## run a sweep experiment (EXPERIMENT=loss_sweep|latent_sweep|width_sweep, extra overrides: ARGS=...)
+	$(VENV)/bin/exprae-train -m experiment=$(EXPERIMENT) $(ARGS)
+
+compare: $(STAMP) ## report on a sweep: tables, verdicts and plots (SWEEP=multirun/<date>/<time>)
+	@test -n "$(SWEEP)" || { echo "usage: make compare SWEEP=multirun/<date>/<time>"; exit 2; }
+	$(VENV)/bin/exprae-compare $(SWEEP)
 
 test: $(STAMP) ## run the full test suite (what CI runs)
 	$(PY) -m pytest

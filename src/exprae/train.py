@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from exprae import rundir
 from exprae.data import ExpressionDataModule
+from exprae.hparams import log_final_hparams
 from exprae.module import AutoencoderModule
 
 log = logging.getLogger(__name__)
@@ -111,8 +112,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "test": _stage_metrics(test, "test"),
     }
     rundir.write_json(out_dir / rundir.METRICS_FILE, metrics)
-    for lg in trainer.loggers:
-        lg.log_hyperparams(_flat_hparams(cfg), {f"hp/test_{k}": v for k, v in metrics["test"]["model"].items()})
+    log_final_hparams(
+        trainer.loggers,
+        _flat_hparams(cfg),
+        {f"hp/test_{k}": v for k, v in metrics["test"]["model"].items()},
+        step=trainer.global_step,
+    )
     print(f"\nexprae run {out_dir}\n{format_report(metrics)}\n")
     return metrics
 

@@ -1,0 +1,334 @@
+"""Sweep report (``exprae-compare DIR``): which setting wins on cosine and on MSE, and is it more than noise?
+
+exprae-compare multirun/2026-11-22/10-00-00
+
+Groups a sweep's finished runs by the overrides that differ between them (all but the seed), and writes
+into the sweep directory ``runs.csv`` (one row per run), ``summary.csv`` (mean, sd and n over seeds per
+setting), ``summary.md`` (the table and the verdicts) and the plots ``metrics.png`` and ``curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+from scipy import stats
+
+from exprae import rundir
+from exprae.sweep import STAGES, Run, find_runs, metrics_table, read_curves, setting_labels
+
+log = logging.getLogger(__name__)
+
+Stage = Literal["val", "test"]
+TABLE_METRICS = (("cosine", "cosine"), ("mse", "MSE"), ("pearson", "Pearson"))
+HIGHER_IS_BETTER = {"cosine": True, "pearson": True, "mse": False}
+SCORED_LABELS = {"model": "exprae", "pca": "PCA", "mean": "mean profile"}
+ALPHA = 0.05  # significance level of the Welch t-test behind "exceeds the seed-to-seed spread"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The best setting on one metric, the runner-up, and whether their gap exceeds the seed-to-seed spread."""
+
+    metric: str
+    stage: str
+    higher_is_better: bool
+    best: str
+    best_mean: float
+    best_sd: float
+    best_n: int
+    runner_up: str | None = None
+    runner_up_mean: float = math.nan
+    runner_up_sd: float = math.nan
+    runner_up_n: int = 0
+    pooled_sd: float = math.nan
+    p_value: float = math.nan
+    pca_mean: float = math.nan
+
+    @property
+    def difference(self) -> float:
+        """How much better the best setting is than the runner-up (positive)."""
+        gap = self.best_mean - self.runner_up_mean
+        return gap if self.higher_is_better else -gap
+
+    @property
+    def exceeds_spread(self) -> bool | None:
+        """True if Welch's t-test says the gap is larger than seed-to-seed noise; None if it cannot tell."""
+        if self.runner_up is None or min(self.best_n, self.runner_up_n) < 2:
+            return None
+        if self.pooled_sd == 0:
+            return self.difference > 0
+        return bool(self.p_value < ALPHA)
+
+    def sentence(self) -> str:
+        """The verdict in plain words."""
+        direction = "higher" if self.higher_is_better else "lower"
+        name = dict(TABLE_METRICS).get(self.metric, self.metric)
+        text = (
+            f"{name} ({self.stage}, {direction} is better): best is {self.best} with "
+            f"{_pm(self.best_mean, self.best_sd)} over {self.best_n} seed(s)"
+        )
+        if self.runner_up is None:
+            return text + "; it is the only setting."
+        text += f"; next is {self.runner_up} with {_pm(self.runner_up_mean, self.runner_up_sd)}. "
+        text += f"Difference {self.difference:.2g}"
+        if not math.isnan(self.pooled_sd):
+            text += f" vs pooled seed-to-seed sd {self.pooled_sd:.2g}"
+        if self.pooled_sd > 0:
+            text += f" ({self.difference / self.pooled_sd:.1f} sd, Welch t-test p = {self.p_value:.2g})"
+        exceeds = self.exceeds_spread
+        if exceeds is None:
+            text += ": cannot tell with fewer than 2 seeds per setting."
+        elif exceeds:
+            text += ": the difference exceeds the seed-to-seed spread."
+        else:
+            text += ": within the seed-to-seed spread, no clear winner."
+        if not math.isnan(self.pca_mean):
+            gap = self.best_mean - self.pca_mean
+            better = gap > 0 if self.higher_is_better else gap < 0
+            text += (
+                f" PCA on the same cells: {self.pca_mean:.4f} ({'beaten' if better else 'not beaten'} by {gap:+.4f})."
+            )
+        return text
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything ``exprae-compare`` found and wrote."""
+
+    sweep_dir: Path
+    group_keys: list[str]
+    runs: pd.DataFrame  # one row per finished run
+    summary: pd.DataFrame  # one row per setting
+    failed: list[Run]
+    verdicts: list[Verdict]
+    markdown: str
+    files: list[Path]
+
+
+def group_keys(table: pd.DataFrame, runs: Sequence[Run], *, seed_key: str = "seed") -> list[str]:
+    """The overridden keys whose value differs between runs, in the order they were given; never the seed."""
+    keys: list[str] = []
+    for run in runs:
+        keys += [k for k in run.overrides if k not in keys]
+    return [k for k in keys if k != seed_key and k in table and table[k].fillna("(default)").nunique() > 1]
+
+
+def summarize(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Mean, sample sd and count over seeds of every metric column, per setting (in first-run order)."""
+    table = table.copy()
+    for k in keys:
+        table[k] = table[k].fillna("(default)").astype(str)
+    table["setting"] = setting_labels(table, keys)
+    metric_cols = [c for c in table.columns if c.count("/") == 2]
+    grouped = table.groupby("setting", sort=False)
+    summary = grouped[list(keys)].first() if keys else pd.DataFrame(index=grouped.size().index)
+    summary["n_runs"] = grouped.size()
+    summary["seeds"] = grouped["seed"].agg(lambda s: " ".join(str(v) for v in s))
+    if "latent_dim" in table:
+        summary["latent_dim"] = grouped["latent_dim"].agg(lambda s: "/".join(str(v) for v in s.unique()))
+    for col in metric_cols:
+        summary[f"{col}/mean"] = grouped[col].mean()
+        summary[f"{col}/sd"] = grouped[col].std(ddof=1)
+    return summary.reset_index()
+
+
+def decide(summary: pd.DataFrame, *, metric: str, stage: Stage = "test") -> Verdict:
+    """Rank the settings on ``{stage}/model/{metric}`` and test the best against the runner-up."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    col = f"{stage}/model/{metric}"
+    higher = HIGHER_IS_BETTER[metric]
+    ranked = summary.dropna(subset=[f"{col}/mean"]).sort_values(f"{col}/mean", ascending=not higher)
+    if ranked.empty:
+        raise ValueError(f"no finished run has {col}")
+    best = ranked.iloc[0]
+    common = {
+        "metric": metric,
+        "stage": stage,
+        "higher_is_better": higher,
+        "best": best["setting"],
+        "best_mean": float(best[f"{col}/mean"]),
+        "best_sd": float(best[f"{col}/sd"]),
+        "best_n": int(best["n_runs"]),
+        "pca_mean": float(best.get(f"{stage}/pca/{metric}/mean", math.nan)),
+    }
+    if len(ranked) == 1:
+        return Verdict(**common)
+    second = ranked.iloc[1]
+    m1, s1, n1 = common["best_mean"], common["best_sd"], common["best_n"]
+    m2, s2, n2 = float(second[f"{col}/mean"]), float(second[f"{col}/sd"]), int(second["n_runs"])
+    pooled = math.sqrt(((n1 - 1) * s1**2 + (n2 - 1) * s2**2) / (n1 + n2 - 2)) if n1 + n2 > 2 else math.nan
+    p_value = math.nan
+    if min(n1, n2) >= 2 and pooled > 0:
+        p_value = float(stats.ttest_ind_from_stats(m1, s1, n1, m2, s2, n2, equal_var=False).pvalue)
+    return Verdict(
+        **common,
+        runner_up=second["setting"],
+        runner_up_mean=m2,
+        runner_up_sd=s2,
+        runner_up_n=n2,
+        pooled_sd=pooled,
+        p_value=p_value,
+    )
+
+
+def markdown_table(summary: pd.DataFrame) -> str:
+    """Model rows per setting, then the baselines; each cell ``mean ± sd`` over seeds."""
+    cols = [(stage, m, label) for stage in STAGES for m, label in TABLE_METRICS]
+    header = "| scored | setting | n | " + " | ".join(f"{s} {label}" for s, _, label in cols) + " |"
+    lines = [header, "|" + "---|" * (3 + len(cols))]
+
+    def cells(row: pd.Series, who: str) -> str:
+        return " | ".join(_pm(row[f"{s}/{who}/{m}/mean"], row[f"{s}/{who}/{m}/sd"]) for s, m, _ in cols)
+
+    for _, row in summary.iterrows():
+        lines.append(f"| exprae | {row['setting']} | {row['n_runs']} | {cells(row, 'model')} |")
+    for who in ("pca", "mean"):
+        for label, row, n in _baseline_rows(summary, who):
+            lines.append(f"| {SCORED_LABELS[who]} | {label} | {n} | {cells(row, who)} |")
+    return "\n".join(lines)
+
+
+def _baseline_rows(summary: pd.DataFrame, who: str) -> list[tuple[str, pd.Series, int]]:
+    """One row per distinct baseline result: settings that share the same baseline (same cells, same PCA size)
+    are merged, so a loss sweep shows PCA once, a latent-size sweep once per size."""
+    cols = [f"{s}/{who}/{m}/mean" for s in STAGES for m, _ in TABLE_METRICS]
+    if not set(cols) <= set(summary.columns):
+        return []
+    key = summary[cols].round(6).astype(str).agg("|".join, axis=1)
+    rows = []
+    for _, members in summary.groupby(key, sort=False):
+        first = members.iloc[0]
+        label = "all settings" if len(members) == len(summary) else "; ".join(members["setting"])
+        if who == "pca" and "latent_dim" in members:
+            label = f"{'/'.join(str(k) for k in members['latent_dim'].unique())} comps, {label}"
+        rows.append((label, first, int(members["n_runs"].sum())))
+    return rows
+
+
+def compare(sweep_dir: str | Path, *, seed_key: str = "seed", stage: Stage = "test", plots: bool = True) -> Report:
+    """Read a sweep directory, write ``runs.csv``, ``summary.csv``, ``summary.md`` and the plots into it."""
+    sweep_dir = Path(sweep_dir)
+    runs = find_runs(sweep_dir)
+    failed = [r for r in runs if not r.finished]
+    table = metrics_table(runs)
+    if table.empty:
+        found = f"{len(runs)} run(s), none finished" if runs else "no Hydra runs (no .hydra/ folders)"
+        raise ValueError(f"nothing to compare in {sweep_dir}: {found}")
+    keys = group_keys(table, runs, seed_key=seed_key)
+    summary = summarize(table, keys)
+    verdicts = [decide(summary, metric=m, stage=stage) for m in ("cosine", "mse")]
+    _warn_hidden_differences(runs, table, keys, seed_key=seed_key)
+
+    files = [
+        rundir.write_text_atomic(sweep_dir / "runs.csv", table.to_csv(index=False)),
+        rundir.write_text_atomic(sweep_dir / "summary.csv", summary.to_csv(index=False)),
+    ]
+    if plots:
+        from exprae import plots as sweep_plots
+
+        curves = _curves(runs, table, keys)
+        files.append(sweep_plots.metrics_figure(table, summary, keys, path=sweep_dir / "metrics.png"))
+        if not curves.empty:
+            files.append(sweep_plots.curves_figure(curves, summary, path=sweep_dir / "curves.png"))
+    markdown = _markdown(sweep_dir, summary, keys, verdicts, failed, stage=stage)
+    files.insert(2, rundir.write_text_atomic(sweep_dir / "summary.md", markdown + "\n"))
+    return Report(sweep_dir, keys, table, summary, failed, verdicts, markdown, files)
+
+
+def _curves(runs: Sequence[Run], table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Per-epoch validation curves of every finished run, labelled with its setting and seed."""
+    labels = dict(zip(table["run"], setting_labels(table, keys), strict=True))
+    frames = []
+    for run in runs:
+        if run.finished:
+            curves = read_curves(run.path)
+            if curves.empty:
+                log.warning("run %s has no TensorBoard validation curves (logger=none?)", run.name)
+                continue
+            frames.append(curves.assign(run=run.name, setting=labels[run.name], seed=run.config.get("seed")))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _warn_hidden_differences(runs: Sequence[Run], table: pd.DataFrame, keys: Sequence[str], *, seed_key: str) -> None:
+    """Warn when runs grouped together differ in resolved config values that are not in their overrides."""
+    finished = {r.name: r for r in runs if r.finished}
+    for setting, names in table["run"].groupby(setting_labels(table, keys), sort=False):
+        configs = [finished[name].config for name in names]
+        differing = sorted(
+            k
+            for k in set().union(*configs)
+            if k != seed_key and not k.startswith(("paths.", "hydra.")) and len({repr(c.get(k)) for c in configs}) > 1
+        )
+        if differing:
+            log.warning("runs of %s differ in %s, which their overrides do not show", setting, ", ".join(differing))
+
+
+def _markdown(
+    sweep_dir: Path,
+    summary: pd.DataFrame,
+    keys: Sequence[str],
+    verdicts: Sequence[Verdict],
+    failed: Sequence[Run],
+    *,
+    stage: str,
+) -> str:
+    swept = ", ".join(keys) or "nothing but the seed"
+    n_runs = int(summary["n_runs"].sum())
+    parts = [
+        f"# Sweep {sweep_dir}",
+        "",
+        f"{n_runs} finished run(s) grouped by {swept}; mean ± sd over seeds, scored per cell on the held-out "
+        "cells (the baselines on the same cells).",
+        "",
+        markdown_table(summary),
+        "",
+        f"## Verdict ({stage} cells)",
+        "",
+        *(f"- {v.sentence()}" for v in verdicts),
+    ]
+    if failed:
+        parts += ["", f"## Runs that could not be scored ({len(failed)})", ""]
+        parts += [f"- `{r.name}` ({_override_text(r)}): {r.problem}" for r in failed]
+    return "\n".join(parts)
+
+
+def _override_text(run: Run) -> str:
+    return " ".join(f"{k}={v}" for k, v in run.overrides.items()) or "no overrides"
+
+
+def _pm(mean: float, sd: float) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "-"
+    return f"{mean:.4f}" if sd is None or math.isnan(sd) else f"{mean:.4f} ± {sd:.4f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``exprae-compare``."""
+    parser = argparse.ArgumentParser(prog="exprae-compare", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun directory, e.g. multirun/2026-11-22/10-00-00")
+    parser.add_argument("--seed-key", default="seed", help="the override that only changes the seed (default: seed)")
+    parser.add_argument("--stage", choices=STAGES, default="test", help="cells the verdict is based on")
+    parser.add_argument("--no-plots", action="store_true", help="write the tables only")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        report = compare(args.sweep_dir, seed_key=args.seed_key, stage=args.stage, plots=not args.no_plots)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"exprae-compare: {err}", file=sys.stderr)
+        return 1
+    print(report.markdown)
+    print("\nwrote " + ", ".join(str(p) for p in report.files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
