@@ -68,7 +68,7 @@ def tables(runs: list[tuple[dict[str, str], dict]], *, stage: str) -> str:
         first = next(iter(by_loss.values()))[0]
         cols = [c for c in COLUMNS if c in first["model"]]
         seeds = {len(v) for v in by_loss.values()}
-        out.append(f"**{data}, latent {latent}** ({stage} cells; model rows mean ± sd over {max(seeds)} seeds)\n")
+        out.append(f"**{data}, latent {latent}** ({stage} cells; model rows mean ± sd over {max(seeds)} seed(s))\n")
         out.append("| | " + " | ".join(COLUMNS[c] for c in cols) + " |")
         out.append("|---" * (len(cols) + 1) + "|")
         for loss in ("mse", "cosine", "mixed"):
