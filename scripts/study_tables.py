@@ -67,18 +67,16 @@ def tables(runs: list[tuple[dict[str, str], dict]], *, stage: str) -> str:
     for (data, latent), by_loss in sorted(groups.items(), key=lambda kv: (kv[0][0], int(kv[0][1]))):
         first = next(iter(by_loss.values()))[0]
         cols = [c for c in COLUMNS if c in first["model"]]
-        seeds = {len(v) for v in by_loss.values()}
-        out.append(f"**{data}, latent {latent}** ({stage} cells; model rows mean ± sd over {max(seeds)} seed(s))\n")
-        out.append("| | " + " | ".join(COLUMNS[c] for c in cols) + " |")
-        out.append("|---" * (len(cols) + 1) + "|")
+        out.append(f"**{data}, latent {latent}** ({stage} cells; model rows mean ± sd over n seeds)\n")
+        out.append("| | n | " + " | ".join(COLUMNS[c] for c in cols) + " |")
+        out.append("|---" * (len(cols) + 2) + "|")
         for loss in ("mse", "cosine", "mixed"):
             if loss in by_loss:
                 rows = by_loss[loss]
-                out.append(
-                    f"| {loss} | " + " | ".join(_fmt([r["model"][c] for r in rows], sd=True) for c in cols) + " |"
-                )
+                values = " | ".join(_fmt([r["model"][c] for r in rows], sd=True) for c in cols)
+                out.append(f"| {loss} | {len(rows)} | {values} |")
         for who, label in (("pca", f"PCA-{latent}"), ("mean", "mean profile")):
-            out.append(f"| {label} | " + " | ".join(_fmt([first[who][c]], sd=False) for c in cols) + " |")
+            out.append(f"| {label} | | " + " | ".join(_fmt([first[who][c]], sd=False) for c in cols) + " |")
         out.append("")
     return "\n".join(out)
 
@@ -91,8 +89,8 @@ def key_table(runs: list[tuple[dict[str, str], dict]], *, stage: str) -> str:
             metrics[stage]
         )
     lines = [
-        f"| data | latent | loss | {stage} cosine | PCA cosine | Δ cosine vs PCA | Δ MSE vs PCA | Δ masked cos vs PCA | Δ cos→truth vs PCA |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| data | latent | loss | n | {stage} cosine | PCA cosine | Δ cosine vs PCA | Δ MSE vs PCA | Δ masked cos vs PCA | Δ cos→truth vs PCA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (data, latent, loss), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         pca = rows[0]["pca"]
@@ -104,7 +102,7 @@ def key_table(runs: list[tuple[dict[str, str], dict]], *, stage: str) -> str:
             for m in ("masked_cosine", "cosine_to_truth")
         ]
         lines.append(
-            f"| {data} | {latent} | {loss} | {_fmt(cos, sd=True)} | {pca['cosine']:.4f} | "
+            f"| {data} | {latent} | {loss} | {len(rows)} | {_fmt(cos, sd=True)} | {pca['cosine']:.4f} | "
             f"{_fmt(d_cos, sd=True, signed=True)} | {_fmt(d_mse, sd=True, signed=True, digits=1)} % | {extra[0]} | {extra[1]} |"
         )
     return "\n".join(lines)
