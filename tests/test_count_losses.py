@@ -292,7 +292,7 @@ def test_short_training_run_per_count_loss(compose_cfg, loss, extra):
         assert 0.5 < model["cosine"] <= 1.0 and 0.5 < metrics[stage]["pca"]["cosine"] <= 1.0
         assert ("dispersion_pearson" in model) == (loss != "poisson" and not extra)
         # Synthetic data knows the noise-free profile: model and baselines are also scored against it.
-        assert math.isfinite(model["truth_cosine"]) and math.isfinite(metrics[stage]["pca"]["truth_mse"])
+        assert math.isfinite(model["cosine_to_truth"]) and math.isfinite(metrics[stage]["pca"]["mse_to_truth"])
 
 
 @pytest.mark.slow

@@ -14,21 +14,37 @@ from torchmetrics import Metric
 from exprae.losses import cosine_similarity, cosine_similarity_matrix
 
 
-def per_cell_metrics(pred_ng: torch.Tensor, target_ng: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Cosine, Pearson r and MSE of each cell's reconstruction (float32, one value per cell)."""
+def per_cell_metrics(
+    pred_ng: torch.Tensor, target_ng: torch.Tensor, *, mask_ng: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Cosine, Pearson r and MSE of each cell's reconstruction (float32, one value per cell).
+
+    With a boolean ``mask_ng`` each cell is scored on its masked entries only: the cosine and MSE over those
+    entries, and the Pearson r after centring on their mean. Rows without masked entries are scored 0.
+    """
     pred, target = pred_ng.float(), target_ng.float()
+    if mask_ng is None:
+        return {
+            "cosine": cosine_similarity(pred, target),
+            "pearson": cosine_similarity(pred, target, centered=True),
+            "mse": (pred - target).pow(2).mean(dim=-1),
+        }
+    m = mask_ng.to(pred.dtype)
+    n_n = m.sum(dim=-1).clamp_min(1.0)
+    pred_c = (pred - (pred * m).sum(-1, keepdim=True) / n_n[:, None]) * m
+    target_c = (target - (target * m).sum(-1, keepdim=True) / n_n[:, None]) * m
     return {
-        "cosine": cosine_similarity(pred, target),
-        "pearson": cosine_similarity(pred, target, centered=True),
-        "mse": (pred - target).pow(2).mean(dim=-1),
+        "cosine": cosine_similarity(pred * m, target * m),
+        "pearson": cosine_similarity(pred_c, target_c),
+        "mse": ((pred - target).pow(2) * m).sum(dim=-1) / n_n,
     }
 
 
 class ReconstructionMetrics(Metric):
     """Running per-cell means of cosine, Pearson, MSE (and the loss), plus cosine quantiles.
 
-    ``compute()`` returns ``{"cosine", "pearson", "mse", "loss", "cosine_median", "cosine_p10"}``; the
-    quantiles need every cell's cosine, gathered across processes, because a mean of 0.4 can hide a
+    ``compute()`` returns ``{"cosine", "pearson", "mse", "loss", "cosine_median", "cosine_p10"}`` (``loss``
+    only when losses were given); the quantiles need every cell's cosine, gathered across processes, because a mean of 0.4 can hide a
     bimodal population.
     """
 
@@ -43,8 +59,20 @@ class ReconstructionMetrics(Metric):
         self.add_state("n_loss", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("cosines", default=[], dist_reduce_fx="cat")
 
-    def update(self, pred_ng: torch.Tensor, target_ng: torch.Tensor, loss_n: torch.Tensor | None = None) -> None:
-        values = per_cell_metrics(pred_ng, target_ng)
+    def update(
+        self,
+        pred_ng: torch.Tensor,
+        target_ng: torch.Tensor,
+        loss_n: torch.Tensor | None = None,
+        *,
+        mask_ng: torch.Tensor | None = None,
+    ) -> None:
+        """Add a batch; with ``mask_ng`` only masked entries are scored and cells with none are skipped."""
+        values = per_cell_metrics(pred_ng, target_ng, mask_ng=mask_ng)
+        if mask_ng is not None:
+            keep_n = mask_ng.any(dim=-1)
+            values = {name: v[keep_n] for name, v in values.items()}
+            loss_n = None if loss_n is None else loss_n[keep_n]
         for name, v in values.items():
             setattr(self, f"sum_{name}", getattr(self, f"sum_{name}") + v.double().sum())
         self.n_cells += values["cosine"].numel()

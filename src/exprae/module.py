@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from exprae.baselines import Baselines
-from exprae.constants import LABEL_KEY, LIBRARY_KEY, SIZE_FACTOR_KEY, TARGET_KEY, TRUTH_KEY, X_KEY
+from exprae.constants import INDEX_KEY, LABEL_KEY, LIBRARY_KEY, SIZE_FACTOR_KEY, TARGET_KEY, TRUTH_KEY, X_KEY
 from exprae.counts import InputView, count_parameters, expected_counts
+from exprae.errors import ConfigError
 from exprae.fast_step import (
     TrainStep,
     build_optimizer,
@@ -21,6 +22,7 @@ from exprae.fast_step import (
     step_epoch_schedulers,
 )
 from exprae.losses import CountNLL, ReconstructionLoss, reduce_per_cell
+from exprae.masking import hidden_entries
 from exprae.metrics import ReconstructionMetrics, knn_label_accuracy
 from exprae.nn import AutoEncoder
 
@@ -28,6 +30,9 @@ log = logging.getLogger(__name__)
 
 EVAL_STAGES = ("val", "test")
 SCORED = ("model", "mean", "pca")  # the model and the two baselines, scored on the same cells
+# Further scores of the same reconstructions, and how their metric names are logged: against the noise-free
+# truth (synthetic data), and on entries hidden from the encoder (the imputation score, ``mask_fraction``).
+EXTRA_SCORES = {"truth": "{}_to_truth", "masked": "masked_{}"}
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -42,8 +47,11 @@ class AutoencoderModule(pl.LightningModule):
     log1p'd and scaled like the input) with the input itself, so they are comparable with every other loss;
     ``val/nll`` is the held-out negative log-likelihood per cell, and on data with a known per-gene dispersion
     (``var["true_dispersion"]``) ``{stage}/dispersion_pearson`` and ``dispersion_spearman`` score the learned
-    per-gene dispersions (on the log scale). On data with a noise-free profile (synthetic ``true_mean``) every
-    scored reconstruction also gets ``truth_{cosine, pearson, mse}`` against it.
+    per-gene dispersions (on the log scale).
+
+    When batches carry the noise-free truth (synthetic ``true_mean``) every scored reconstruction also gets
+    ``{cosine,pearson,mse,...}_to_truth`` against it; with ``mask_fraction > 0`` also
+    ``masked_{cosine,pearson,mse,...}`` on entries hidden from the encoder (:mod:`exprae.masking`).
 
     With an auxiliary latent loss (``aux_loss(z_nk, labels_n)``, e.g. :class:`~exprae.losses.OnlineTripletCosineLoss`)
     the training loss is ``recon + aux_weight · aux``, and ``train/recon`` and ``train/aux`` are logged too.
@@ -65,6 +73,8 @@ class AutoencoderModule(pl.LightningModule):
         aux_weight: float = 1.0,
         knn_k: int = 15,
         compile: str = "none",
+        mask_fraction: float = 0.0,
+        mask_seed: int = 0,
     ) -> None:
         super().__init__()
         self.net = net
@@ -73,6 +83,9 @@ class AutoencoderModule(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.scheduler_monitor = scheduler_monitor
         self.with_baselines = baselines
+        if not 0.0 <= float(mask_fraction) < 1.0:
+            raise ConfigError(f"module.mask_fraction must lie in [0, 1), got {mask_fraction}")
+        self.mask_fraction, self.mask_seed = float(mask_fraction), int(mask_seed)
         self.aux_loss, self.aux_weight, self.knn_k = aux_loss, float(aux_weight), knn_k
         self._latents: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {stage: [] for stage in EVAL_STAGES}
         self.count_loss = isinstance(loss, CountNLL)
@@ -92,10 +105,12 @@ class AutoencoderModule(pl.LightningModule):
         # Baselines are needed for the PCA start even when they are not reported.
         self.baselines = Baselines(net.n_genes, net.latent_dim)
         self.metrics = nn.ModuleDict(
-            {f"{stage}_{who}": ReconstructionMetrics() for stage in EVAL_STAGES for who in SCORED}
-        )
-        self.truth_metrics = nn.ModuleDict(
-            {f"{stage}_{who}": ReconstructionMetrics() for stage in EVAL_STAGES for who in SCORED}
+            {
+                f"{stage}_{who}{suffix}": ReconstructionMetrics()
+                for stage in EVAL_STAGES
+                for who in SCORED
+                for suffix in ("", *(f"_{extra}" for extra in EXTRA_SCORES))
+            }
         )
 
     # ------------------------------------------------------------------ set-up
@@ -164,19 +179,37 @@ class AutoencoderModule(pl.LightningModule):
         if LABEL_KEY in batch:
             self._latents[stage].append((out["z"].detach().float(), batch[LABEL_KEY]))
         # Count likelihoods fit raw counts; their metrics (and the baselines') are taken in the input's space.
-        target = batch[X_KEY] if self.count_loss else batch[TARGET_KEY]
-        recon = self.reconstruct(out, batch)
-        self.metrics[f"{stage}_model"].update(recon, target, loss_n)
-        truth = batch.get(TRUTH_KEY)
-        if truth is not None:
-            self.truth_metrics[f"{stage}_model"].update(recon, truth)
+        target = self._eval_target(batch)
+        recons = {"model": self.reconstruct(out, batch)}
+        self.metrics[f"{stage}_model"].update(recons["model"], target, loss_n)
         if self.with_baselines:
-            for who, baseline_recon in self.baselines(batch[X_KEY].float()).items():
-                baseline_loss_n = None if self.count_loss else self.loss.per_cell(baseline_recon, target)
-                self.metrics[f"{stage}_{who}"].update(baseline_recon, target, baseline_loss_n)
-                if truth is not None:
-                    self.truth_metrics[f"{stage}_{who}"].update(baseline_recon, truth)
+            for who, recon in self.baselines(batch[X_KEY].float()).items():
+                baseline_loss_n = None if self.count_loss else self.loss.per_cell(recon, target)
+                self.metrics[f"{stage}_{who}"].update(recon, target, baseline_loss_n)
+                recons[who] = recon
+        if TRUTH_KEY in batch:
+            for who, recon in recons.items():
+                self.metrics[f"{stage}_{who}_truth"].update(recon, batch[TRUTH_KEY])
+        if self.mask_fraction > 0:
+            self._score_masked(batch, stage)
         return loss
+
+    def _eval_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Count likelihoods fit raw counts; their metrics (and the baselines') are taken in the input's space.
+        return batch[X_KEY] if self.count_loss else batch[TARGET_KEY]
+
+    def _score_masked(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        """Hide entries of the input, reconstruct, and score the model and baselines on the hidden ones."""
+        x_ng = batch[X_KEY]
+        hidden_ng = hidden_entries(
+            x_ng, batch[INDEX_KEY], fraction=self.mask_fraction, seed=self.mask_seed, stream=stage
+        )
+        x_masked_ng = x_ng.masked_fill(hidden_ng, 0.0)
+        recons = {"model": self.reconstruct(self(x_masked_ng), batch)}
+        if self.with_baselines:
+            recons.update(self.baselines(x_masked_ng.float()))
+        for who, recon in recons.items():
+            self.metrics[f"{stage}_{who}_masked"].update(recon, self._eval_target(batch), mask_ng=hidden_ng)
 
     def _add_aux(
         self, recon: torch.Tensor, z_nk: torch.Tensor, batch: dict[str, torch.Tensor], *, log_terms: bool = True
@@ -255,12 +288,11 @@ class AutoencoderModule(pl.LightningModule):
                 values["nll"] = values["loss"]  # the held-out NLL per cell, named for tables across losses
             if who == "model":
                 values.update(self._dispersion_agreement())
-            truth = self.truth_metrics[f"{stage}_{who}"]
-            if truth.n_cells > 0:  # the same on every rank: a dataset has a truth layer or not
-                values.update(
-                    {f"truth_{k}": v for k, v in truth.compute().items() if k in ("cosine", "pearson", "mse")}
-                )
-            truth.reset()
+            for extra, pattern in EXTRA_SCORES.items():
+                scored = self.metrics[f"{stage}_{who}_{extra}"]
+                if scored.update_count > 0:  # the same on every rank: the data has a truth layer or not; masking on
+                    values.update({pattern.format(k): v for k, v in scored.compute().items() if k != "loss"})
+                scored.reset()
             for name, value in values.items():
                 show = who == "model" and name in ("loss", "cosine")
                 self.log(prefix + name, value, prog_bar=show, sync_dist=True, reduce_fx="max")

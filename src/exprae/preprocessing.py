@@ -1,6 +1,6 @@
 """scanpy preprocessing whose fitted state is recorded, so new data can be transformed identically.
 
-The per-cell steps (``normalize_total``, ``log1p``) are stateless. The steps that learn from data (the
+The per-cell steps (``expm1``, ``normalize_total``, ``log1p``) are stateless. The steps that learn from data (the
 highly-variable-gene list, the per-gene scaling means and stds) are fitted on the training cells only, so
 held-out cells never leak into the model, and saved with the run for ``exprae-predict``.
 """
@@ -20,8 +20,13 @@ from exprae.errors import ConfigError
 
 @dataclass
 class Preprocessing:
-    """Which scanpy steps to run, in scanpy's order; fitted state is filled in by :meth:`fit`."""
+    """Which scanpy steps to run, in scanpy's order; fitted state is filled in by :meth:`fit`.
 
+    ``expm1`` runs first and undoes a ``log1p`` already applied to the data: ``expm1`` on pbmc68k's
+    log-normalised ``raw`` gives the library-size-normalised expression without the log.
+    """
+
+    expm1: bool = False  # exp(x) − 1 before anything else: log-normalised data back to normalised values
     normalize_total: float | None = None  # target sum per cell (e.g. 1e4); None: off
     log1p: bool = False
     n_top_genes: int | None = None  # highly variable genes kept; None: all genes
@@ -42,13 +47,19 @@ class Preprocessing:
 
     @property
     def needs_nonnegative(self) -> bool:
-        return self.normalize_total is not None or self.log1p
+        return self.expm1 or self.normalize_total is not None or self.log1p
 
     def per_cell(self, adata: ad.AnnData) -> ad.AnnData:
-        """normalize_total and log1p (stateless), on a copy."""
+        """expm1, normalize_total and log1p (stateless), on a copy."""
         import scanpy as sc
 
         adata = adata.copy()
+        if self.expm1:
+            # In place on the stored values: expm1(0) = 0, so a sparse matrix keeps its pattern.
+            if sp.issparse(adata.X):
+                adata.X.data = np.expm1(adata.X.data)
+            else:
+                adata.X = np.expm1(np.asarray(adata.X))
         if self.normalize_total is not None:
             sc.pp.normalize_total(adata, target_sum=float(self.normalize_total))
         if self.log1p:
