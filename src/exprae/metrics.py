@@ -75,10 +75,12 @@ class ReconstructionMetrics(Metric):
             loss_n = None if loss_n is None else loss_n[keep_n]
         for name, v in values.items():
             setattr(self, f"sum_{name}", getattr(self, f"sum_{name}") + v.double().sum())
-        self.n_cells += values["cosine"].numel()
+        # Out-of-place sums: states reset inside trainer.validate's inference mode are inference tensors, which
+        # cannot be updated in place by a later validation under plain no_grad (the PCA-start check does this).
+        self.n_cells = self.n_cells + values["cosine"].numel()
         if loss_n is not None:
-            self.sum_loss += loss_n.detach().double().sum()
-            self.n_loss += loss_n.numel()
+            self.sum_loss = self.sum_loss + loss_n.detach().double().sum()
+            self.n_loss = self.n_loss + loss_n.numel()
         self.cosines.append(values["cosine"].detach())
 
     def compute(self) -> dict[str, torch.Tensor]:

@@ -117,9 +117,11 @@ class AutoencoderModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Fit the baselines on the training cells (and start the network at PCA) before the first fit."""
-        if stage != "fit" or bool(self.baselines.fitted):
-            return
-        datamodule = self.trainer.datamodule
+        if stage == "fit" and not bool(self.baselines.fitted):
+            self.prepare_start(self.trainer.datamodule)
+
+    def prepare_start(self, datamodule: Any) -> None:
+        """Fit the baselines on the training cells; with ``init="pca"`` the network then starts at PCA."""
         self.baselines.fit(datamodule.train_chunks())
         if self.net.init == "pca":
             self.net.init_from_pca(self.baselines.mean_g, self.baselines.components_kg)

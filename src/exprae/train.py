@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -135,11 +136,16 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
         rundir.write_json(out_dir / rundir.ENVIRONMENT_FILE, {"seed": cfg.get("seed"), **rundir.environment()})
         rundir.write_config(out_dir, cfg)  # train(cfg) from Python: keep the run loadable by exprae.load
     log.info("training on %s: %d cells x %d genes", datamodule.source, datamodule.adata.n_obs, datamodule.n_genes)
+    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    start = None
+    if ckpt_path is None and module.net.init == "pca" and checkpoint is not None and checkpoint.monitor:
+        start = _checkpoint_start(trainer, module, datamodule, checkpoint)
     # weights_only: resuming reads tensors and plain data only, never code from the checkpoint.
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
-    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     best = (checkpoint.best_model_path or None) if checkpoint is not None else None
+    if start is not None and best is not None:
+        best = _keep_start_if_better(trainer, checkpoint, start, best)
     val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     metrics = {
@@ -164,6 +170,45 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
     if trainer.is_global_zero:
         print(f"\nexprae run {out_dir}\n{format_report(metrics)}\n")
     return metrics
+
+
+def _checkpoint_start(
+    trainer: pl.Trainer, module: AutoencoderModule, datamodule: ExpressionDataModule, checkpoint: ModelCheckpoint
+) -> tuple[Path, float]:
+    """Score the PCA start on the validation cells and save it, so that it competes with every epoch.
+
+    ModelCheckpoint only sees the weights after an epoch of training; where the first epoch already moves
+    away from PCA's optimum (log-normalised pbmc68k), the start itself must be a candidate for "best".
+    """
+    module.prepare_start(datamodule)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    score = float(trainer.callback_metrics[checkpoint.monitor])
+    path = Path(checkpoint.dirpath) / "start.ckpt"
+    trainer.save_checkpoint(path, weights_only=True)
+    return path, score
+
+
+def _keep_start_if_better(
+    trainer: pl.Trainer, checkpoint: ModelCheckpoint, start: tuple[Path, float], best: str
+) -> str:
+    """The best checkpoint of the run, the PCA start included: ``best.ckpt`` holds the start if no epoch beat it."""
+    start_path, start_score = start
+    best_score = float(checkpoint.best_model_score)
+    improved = best_score < start_score if checkpoint.mode == "min" else best_score > start_score
+    if improved:
+        return best
+    log.info(
+        "no epoch improved %s on the PCA start (%.6g vs %.6g): best.ckpt holds the start",
+        checkpoint.monitor,
+        start_score,
+        best_score,
+    )
+    if trainer.is_global_zero:
+        tmp = Path(best).with_suffix(".tmp")
+        shutil.copyfile(start_path, tmp)
+        os.replace(tmp, best)
+    trainer.strategy.barrier()
+    return best
 
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
