@@ -33,6 +33,10 @@ class RecordBatches(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.train.setdefault(trainer.current_epoch, []).append(batch[INDEX_KEY].tolist())
 
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "validate":  # keep the last validate() only: the PCA start is scored by one too
+            self.val = []
+
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.state.fn == "validate":
             self.val.extend(batch[INDEX_KEY].tolist())

@@ -57,7 +57,7 @@ class DivergenceGuard(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_loss(trainer)
-        self._check_weights(trainer, pl_module.state_dict(), when="at the end of the epoch")
+        self._check_weights(trainer, pl_module, pl_module.state_dict(), when="at the end of the epoch")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._check_loss(trainer)
@@ -65,7 +65,7 @@ class DivergenceGuard(Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # Raising here aborts trainer.save_checkpoint before the file is opened, so the previous file survives.
         self._check_loss(trainer)
-        self._check_weights(trainer, checkpoint.get("state_dict", {}), when="while saving a checkpoint")
+        self._check_weights(trainer, pl_module, checkpoint.get("state_dict", {}), when="while saving a checkpoint")
         self._good = (int(checkpoint.get("epoch", -1)), int(checkpoint.get("global_step", -1)))
 
     def _check_loss(self, trainer: pl.Trainer) -> None:
@@ -76,8 +76,12 @@ class DivergenceGuard(Callback):
             value = float(self._first_bad_loss)
             self._fail(trainer, f"the training loss became {value} at step {step}")
 
-    def _check_weights(self, trainer: pl.Trainer, state: Mapping[str, Any], *, when: str) -> None:
-        tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    def _check_weights(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: Mapping[str, Any], *, when: str
+    ) -> None:
+        # Trained parameters only: some buffers are legitimately infinite (a count model's "no clipping" bound).
+        trained = {name for name, _ in pl_module.named_parameters()}
+        tensors = {k: v for k, v in state.items() if k in trained and isinstance(v, torch.Tensor)}
         if not tensors:
             return
         finite = torch.stack([torch.isfinite(v).all() for v in tensors.values()])  # one sync for all tensors

@@ -57,7 +57,7 @@ def acquire(out_dir: str | Path, *, resume: bool) -> bool:
     a run and ``resume`` is false.
     """
     key = _key(out_dir)
-    if key in _held:
+    if key in _held or _secondary_rank():
         return False
     if not key.exists():
         new_dirs = [key, *(p for p in key.parents if not p.exists())]
@@ -93,6 +93,11 @@ def release(out_dir: str | Path) -> None:
     if fd is not None:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _secondary_rank() -> bool:
+    """A DDP worker of rank > 0 (launched by Lightning or srun): rank 0 owns and guards the run directory."""
+    return any(os.environ.get(v, "0") not in ("", "0") for v in ("LOCAL_RANK", "NODE_RANK", "RANK", "SLURM_PROCID"))
 
 
 @contextlib.contextmanager

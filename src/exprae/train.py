@@ -144,8 +144,7 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     best = (checkpoint.best_model_path or None) if checkpoint is not None else None
-    if start is not None and best is not None:
-        best = _keep_start_if_better(trainer, checkpoint, start, best)
+    start_kept = start is not None and best is not None and _keep_start_if_better(trainer, checkpoint, start, best)
     val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     metrics = {
@@ -156,6 +155,8 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
         "n_genes": datamodule.n_genes,
         "epochs_trained": trainer.current_epoch,
         "best_checkpoint": str(Path(best).relative_to(out_dir)) if best else None,
+        # The PCA start's validation score; "kept": no epoch beat it, so best_checkpoint holds the start.
+        "start": None if start is None else {"monitor": checkpoint.monitor, "score": start[1], "kept": start_kept},
         "val": _stage_metrics(val, "val"),
         "test": _stage_metrics(test, "test"),
     }
@@ -190,13 +191,13 @@ def _checkpoint_start(
 
 def _keep_start_if_better(
     trainer: pl.Trainer, checkpoint: ModelCheckpoint, start: tuple[Path, float], best: str
-) -> str:
-    """The best checkpoint of the run, the PCA start included: ``best.ckpt`` holds the start if no epoch beat it."""
+) -> bool:
+    """Copy the PCA start over ``best.ckpt`` if no epoch beat it; return whether it did so."""
     start_path, start_score = start
     best_score = float(checkpoint.best_model_score)
     improved = best_score < start_score if checkpoint.mode == "min" else best_score > start_score
     if improved:
-        return best
+        return False
     log.info(
         "no epoch improved %s on the PCA start (%.6g vs %.6g): best.ckpt holds the start",
         checkpoint.monitor,
@@ -208,7 +209,7 @@ def _keep_start_if_better(
         shutil.copyfile(start_path, tmp)
         os.replace(tmp, best)
     trainer.strategy.barrier()
-    return best
+    return True
 
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
