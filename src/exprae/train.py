@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from hydra.errors import InstantiationException
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
@@ -139,12 +139,14 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     start = None
     if ckpt_path is None and module.net.init == "pca" and checkpoint is not None and checkpoint.monitor:
-        start = _checkpoint_start(trainer, module, datamodule, checkpoint)
+        start = _score_start(trainer, module, datamodule, checkpoint)
     # weights_only: resuming reads tensors and plain data only, never code from the checkpoint.
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     best = (checkpoint.best_model_path or None) if checkpoint is not None else None
-    start_kept = start is not None and best is not None and _keep_start_if_better(trainer, checkpoint, start, best)
+    start_kept = (
+        start is not None and best is not None and _keep_start_if_better(trainer, module, checkpoint, start, best)
+    )
     val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     metrics = {
@@ -173,10 +175,10 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
     return metrics
 
 
-def _checkpoint_start(
+def _score_start(
     trainer: pl.Trainer, module: AutoencoderModule, datamodule: ExpressionDataModule, checkpoint: ModelCheckpoint
-) -> tuple[Path, float]:
-    """Score the PCA start on the validation cells and save it, so that it competes with every epoch.
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Score the PCA start on the validation cells and keep its weights, so that it competes with every epoch.
 
     ModelCheckpoint only sees the weights after an epoch of training; where the first epoch already moves
     away from PCA's optimum (log-normalised pbmc68k), the start itself must be a candidate for "best".
@@ -184,16 +186,18 @@ def _checkpoint_start(
     module.prepare_start(datamodule)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     score = float(trainer.callback_metrics[checkpoint.monitor])
-    path = Path(checkpoint.dirpath) / "start.ckpt"
-    trainer.save_checkpoint(path, weights_only=True)
-    return path, score
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}, score
 
 
 def _keep_start_if_better(
-    trainer: pl.Trainer, checkpoint: ModelCheckpoint, start: tuple[Path, float], best: str
+    trainer: pl.Trainer,
+    module: AutoencoderModule,
+    checkpoint: ModelCheckpoint,
+    start: tuple[dict[str, torch.Tensor], float],
+    best: str,
 ) -> bool:
-    """Copy the PCA start over ``best.ckpt`` if no epoch beat it; return whether it did so."""
-    start_path, start_score = start
+    """Write the PCA start as ``best.ckpt`` if no epoch beat it on the monitored metric; return whether it did."""
+    start_state, start_score = start
     best_score = float(checkpoint.best_model_score)
     improved = best_score < start_score if checkpoint.mode == "min" else best_score > start_score
     if improved:
@@ -204,11 +208,8 @@ def _keep_start_if_better(
         start_score,
         best_score,
     )
-    if trainer.is_global_zero:
-        tmp = Path(best).with_suffix(".tmp")
-        shutil.copyfile(start_path, tmp)
-        os.replace(tmp, best)
-    trainer.strategy.barrier()
+    module.load_state_dict(start_state)
+    trainer.save_checkpoint(best, weights_only=True)  # every rank calls it; rank 0 writes
     return True
 
 
