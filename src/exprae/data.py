@@ -113,6 +113,13 @@ def select_matrix(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
     )
 
 
+def _positions(csr: sp.csr_matrix | None, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of each flagged value: of a CSR matrix's stored values, or of a dense matrix's entries."""
+    if csr is None:
+        return np.nonzero(mask)
+    return np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))[mask], csr.indices[mask]
+
+
 def check_matrix(
     x: np.ndarray | sp.spmatrix,
     *,
@@ -131,11 +138,7 @@ def check_matrix(
     for label, mask in problems:
         if not mask.any():
             continue
-        if csr is not None:
-            rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))[mask]
-            cols = csr.indices[mask]
-        else:
-            rows, cols = np.nonzero(mask)
+        rows, cols = _positions(csr, mask)
         cells = list(dict.fromkeys(np.asarray(obs_names)[rows[:50]]))[:3]
         genes = list(dict.fromkeys(np.asarray(var_names)[cols[:50]]))[:3]
         hint = " (log1p/normalize_total need non-negative values)" if label == "negative" else ""
@@ -157,11 +160,7 @@ def check_counts(x: np.ndarray | sp.spmatrix, *, obs_names: Sequence[str], var_n
     ):
         if not mask.any():
             continue
-        if csr is not None:
-            rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))[mask]
-            cols = csr.indices[mask]
-        else:
-            rows, cols = np.nonzero(mask)
+        rows, cols = _positions(csr, mask)
         example = values[mask][0]
         raise DataError(
             f"{what} has {int(mask.sum())} {label} values (e.g. {example:g} in cell {np.asarray(obs_names)[rows[0]]!r}, "
