@@ -56,8 +56,9 @@ class AutoencoderModule(pl.LightningModule):
     With an auxiliary latent loss (``aux_loss(z_nk, labels_n)``, e.g. :class:`~exprae.losses.OnlineTripletCosineLoss`)
     the training loss is ``recon + aux_weight · aux``, and ``train/recon`` and ``train/aux`` are logged too.
     When batches carry labels, ``{val,test}/knn_accuracy`` is the leave-one-out kNN label accuracy of the
-    latent codes (cosine, ``knn_k`` neighbours) within the stage's cells. The validation and test loaders
-    give every DDP rank all of their cells, so each rank computes the same, global value.
+    latent codes (cosine, ``knn_k`` neighbours) within the stage's cells. Under DDP the validation and test
+    cells are sharded across ranks, so each rank finds neighbours within its own shard and the logged value is
+    the mean over ranks: an approximation of the single-process value (exact with one process).
     """
 
     def __init__(
@@ -301,7 +302,8 @@ class AutoencoderModule(pl.LightningModule):
             metric.reset()
         if self._latents[stage]:
             z_nk, labels_n = (torch.cat(parts) for parts in zip(*self._latents[stage], strict=True))
-            self.log(f"{stage}/knn_accuracy", knn_label_accuracy(z_nk, labels_n, k=self.knn_k))
+            accuracy = knn_label_accuracy(z_nk, labels_n, k=self.knn_k)
+            self.log(f"{stage}/knn_accuracy", accuracy, sync_dist=True)  # per-shard under DDP: mean over ranks
             self._latents[stage].clear()
 
     def _dispersion_agreement(self) -> dict[str, torch.Tensor]:
