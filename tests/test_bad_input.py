@@ -367,3 +367,20 @@ def test_unknown_hvg_flavor_lists_choices(compose_cfg):
 
 def test_unknown_builtin_dataset_lists_choices(compose_cfg):
     refused(compose_cfg("data.dataset=pbmc"), ConfigError, "unknown built-in dataset 'pbmc'", "'pbmc68k', 'synthetic'")
+
+
+def test_monitor_typo_is_refused_before_anything_is_written(compose_cfg):
+    cfg = compose_cfg("callbacks.model_checkpoint.monitor=val/cosin")
+    with pytest.raises(ConfigError, match=r"monitor='val/cosin' is not a metric exprae logs.*'val/cosine'"):
+        train(cfg)
+    assert not Path(cfg.paths.output_dir).exists()
+
+
+def test_every_default_monitor_is_accepted(compose_cfg):
+    """The valid names are not over-strict: monitoring val/cosine (max) or the cosine p10 trains normally."""
+    cfg = compose_cfg(
+        "callbacks.model_checkpoint.monitor=val/cosine_p10",
+        "callbacks.model_checkpoint.mode=max",
+        "trainer.max_epochs=1",
+    )
+    assert train(cfg)["val"]["model"]["cosine_p10"] > 0

@@ -25,7 +25,7 @@ from exprae.errors import CLIError, ConfigError, ExpraeError
 from exprae.hparams import log_final_hparams
 from exprae.module import AutoencoderModule
 from exprae.resume import check_resume, resolve_ckpt_path
-from exprae.validate import check_config, check_sizes
+from exprae.validate import check_config, check_monitors, check_sizes, validation_metric_names
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,10 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
         raise ConfigError(f"the optimizer/scheduler settings were rejected: {e}") from e
     if ckpt_path is not None:
         check_resume(ckpt_path, module=module, contract=datamodule.contract(), out_dir=out_dir)
+    monitors = {f"callbacks.{name}.monitor": c.get("monitor") for name, c in (cfg.get("callbacks") or {}).items() if c}
+    if cfg.get("scheduler"):
+        monitors["module.scheduler_monitor"] = module.scheduler_monitor
+    check_monitors(monitors, validation_metric_names(module, datamodule))
 
     # Under DDP every rank runs this function; the run directory is written once, by global rank 0.
     if trainer.is_global_zero:
