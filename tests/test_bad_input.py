@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import pytorch_lightning as pl
 import scipy.sparse as sp
 from hydra.errors import InstantiationException
 
@@ -25,7 +26,8 @@ import exprae
 from exprae import rundir
 from exprae.datasets import synthetic_counts
 from exprae.errors import ConfigError, DataError, DataFileNotFoundError, MissingKeyError
-from exprae.train import train
+from exprae.train import build, train
+from exprae.validate import validation_metric_names
 
 SRC = Path(exprae.__file__).resolve().parents[1]
 # pbmc68k's X is already scaled (it has negative values): no count preprocessing, all 765 genes.
@@ -384,3 +386,29 @@ def test_every_default_monitor_is_accepted(compose_cfg):
         "trainer.max_epochs=1",
     )
     assert train(cfg)["val"]["model"]["cosine_p10"] > 0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        (),
+        (  # every optional metric family at once: count head, masking, labels, ground truth
+            "data=synthetic_counts",
+            "data.synthetic.n_cells=300",
+            "data.synthetic.n_genes=200",
+            "loss=nb",
+            "module.mask_fraction=0.1",
+            "aux=pair_cosine",
+            "aux.label_key=cell_type",
+        ),
+    ],
+    ids=["default", "all-optional-metrics"],
+)
+def test_monitorable_names_are_exactly_what_validation_logs(compose_cfg, overrides):
+    """The monitor check's list of names cannot drift from what the module really logs."""
+    cfg = compose_cfg(*overrides)
+    datamodule, module = build(cfg)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    logged = {k for k in trainer.callback_metrics if k.startswith("val/")}
+    assert logged == validation_metric_names(module, datamodule)
