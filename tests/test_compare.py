@@ -16,7 +16,7 @@ import pytest
 
 import exprae
 from exprae import compare, sweep
-from exprae.compare import decide, summarize
+from exprae.compare import decide, panels, summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LOSSES = ("mse", "cosine")
@@ -214,6 +214,69 @@ def test_verdict_separates_a_real_gap_from_seed_noise():
 
     single = decide(summarize(_table({"mse": [0.40], "cosine": [0.45]}), ["loss"]), metric="cosine")
     assert single.exceeds_spread is None and "cannot tell" in single.sentence()
+
+
+def _study_table() -> pd.DataFrame:
+    """Two representations x two losses x two latent sizes x 2 seeds; each representation has its own mean profile."""
+    rows = []
+    for data, floor in (("pbmc68k", -0.02), ("pbmc68k_log", 0.73)):
+        for loss in ("mse", "cosine"):
+            for latent in (8, 32):
+                for seed in (0, 1):
+                    score = floor + 0.4 + 0.01 * (loss == "cosine") + 0.05 * (latent == 32) + 0.001 * seed
+                    rows.append(
+                        {
+                            "run": f"{data}{loss}{latent}{seed}",
+                            "seed": seed,
+                            "data": data,
+                            "loss": loss,
+                            "model.latent_dim": latent,
+                            "test/model/cosine": score,
+                            "test/model/mse": 1 - score,
+                            "test/mean/cosine": floor,
+                            "test/mean/mse": 1 - floor,
+                            # the baseline's "loss" value depends on the loss: it must not split the panels
+                            "test/mean/loss": 1 - floor if loss == "mse" else 1 + floor,
+                        }
+                    )
+    return pd.DataFrame(rows)
+
+
+def test_verdicts_never_rank_settings_scored_on_different_representations():
+    keys = ["data", "loss", "model.latent_dim"]
+    summary = summarize(_study_table(), keys)
+    found = panels(summary, keys)
+    assert [label for label, _ in found] == ["data=pbmc68k", "data=pbmc68k_log"]
+    for label, members in found:
+        assert set(members["data"]) == {label.split("=")[1]} and len(members) == 4
+        best = decide(members, metric="cosine", panel=label)
+        # Within each representation the cosine loss at latent 32 wins; the log data's higher floor never does.
+        assert best.best == f"{label}, loss=cosine, model.latent_dim=32"
+        assert best.sentence().startswith(f"within {label}, **cosine**")
+
+    by_latent = panels(summary, keys, within=["model.latent_dim"])
+    assert [label for label, _ in by_latent] == [
+        "data=pbmc68k, model.latent_dim=8",
+        "data=pbmc68k, model.latent_dim=32",
+        "data=pbmc68k_log, model.latent_dim=8",
+        "data=pbmc68k_log, model.latent_dim=32",
+    ]
+    assert all(len(members) == 2 for _, members in by_latent)
+
+    one_representation = _study_table().query("data == 'pbmc68k'")
+    keys = ["loss", "model.latent_dim"]
+    assert [label for label, _ in panels(summarize(one_representation, keys), keys)] == [""]
+    with pytest.raises(ValueError, match=r"--within optimizer.lr: not swept.*\['loss', 'model.latent_dim'\]"):
+        panels(summarize(one_representation, keys), keys, within=["optimizer.lr"])
+
+
+def test_cli_within_splits_the_verdicts_of_a_real_sweep(sweep_dir, capsys):
+    assert compare.main([str(sweep_dir), "--no-plots", "--within", "loss"]) == 0
+    out = capsys.readouterr().out
+    for loss in LOSSES:
+        assert f"- within loss={loss}, **cosine** (test, higher is better): best is **loss={loss}**" in out
+    assert compare.main([str(sweep_dir), "--no-plots", "--within", "model.latent_dim"]) == 1
+    assert "--within model.latent_dim: not swept" in capsys.readouterr().err
 
 
 def test_cli_fails_clearly_without_runs(tmp_path, capsys):

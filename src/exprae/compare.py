@@ -68,6 +68,7 @@ class Verdict:
     best_n: int
     gaps: tuple[Gap, ...] = ()
     pca_mean: float = math.nan
+    panel: str = ""  # the settings compared, when a sweep splits into panels scored on different data
 
     @property
     def runner_up(self) -> Gap | None:
@@ -82,8 +83,9 @@ class Verdict:
         """The verdict in plain words."""
         direction = "higher" if self.higher_is_better else "lower"
         name = dict(TABLE_METRICS).get(self.metric, self.metric)
+        where = f"within {self.panel}, " if self.panel else ""
         text = (
-            f"**{name}** ({self.stage}, {direction} is better): best is **{self.best}** with "
+            f"{where}**{name}** ({self.stage}, {direction} is better): best is **{self.best}** with "
             f"{_pm(self.best_mean, self.best_sd)} over {self.best_n} seed(s)"
         )
         second = self.runner_up
@@ -153,7 +155,7 @@ def summarize(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     return summary.reset_index()
 
 
-def decide(summary: pd.DataFrame, *, metric: str, stage: Stage = "test") -> Verdict:
+def decide(summary: pd.DataFrame, *, metric: str, stage: Stage = "test", panel: str = "") -> Verdict:
     """Rank the settings on ``{stage}/model/{metric}`` and test the best against every other setting."""
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -172,9 +174,37 @@ def decide(summary: pd.DataFrame, *, metric: str, stage: Stage = "test") -> Verd
         "best_sd": float(best[f"{col}/sd"]),
         "best_n": int(best["n_runs"]),
         "pca_mean": float(best.get(f"{stage}/pca/{metric}/mean", math.nan)),
+        "panel": panel,
     }
     gaps = tuple(_gap(best, other, col=col, higher_is_better=higher) for _, other in ranked.iloc[1:].iterrows())
     return Verdict(**common, gaps=gaps)
+
+
+def panels(summary: pd.DataFrame, keys: Sequence[str], *, within: Sequence[str] = ()) -> list[tuple[str, pd.DataFrame]]:
+    """Split the settings into groups whose scores can be ranked against each other.
+
+    Settings are comparable when their mean-profile baseline is identical: the same held-out cells in the
+    same representation. A cosine of 0.93 on normalised data is not "better" than 0.41 on scaled data, so a
+    sweep over ``data`` gets one verdict per representation; a latent-size sweep (same cells, same mean
+    profile) stays one panel. ``within`` splits further by the named keys (e.g. ``model.latent_dim``).
+    """
+    missing = [k for k in within if k not in keys]
+    if missing:
+        raise ValueError(f"--within {', '.join(missing)}: not swept in this sweep; swept keys: {list(keys)}")
+    # The mean profile's cosine/Pearson/MSE depend only on the cells and their representation (its "loss" also
+    # depends on the loss, so it is left out).
+    cols = [c for s in STAGES for m in ("cosine", "pearson", "mse") if (c := f"{s}/mean/{m}/mean") in summary]
+    signature = summary[cols].round(6).astype(str).agg("|".join, axis=1) if cols else pd.Series("", summary.index)
+    for k in within:
+        signature = signature + "|" + summary[k].astype(str)
+    groups = [members for _, members in summary.groupby(signature, sort=False)]
+    if len(groups) == 1:
+        return [("", summary)]
+    out = []
+    for members in groups:
+        fixed = [k for k in keys if members[k].nunique() == 1 and summary[k].nunique() > 1]
+        out.append((", ".join(f"{k}={members[k].iloc[0]}" for k in fixed) or "one group", members))
+    return out
 
 
 def _gap(best: pd.Series, other: pd.Series, *, col: str, higher_is_better: bool) -> Gap:
@@ -225,8 +255,19 @@ def _baseline_rows(summary: pd.DataFrame, who: str) -> list[tuple[str, pd.Series
     return rows
 
 
-def compare(sweep_dir: str | Path, *, seed_key: str = "seed", stage: Stage = "test", plots: bool = True) -> Report:
-    """Read a sweep directory, write ``runs.csv``, ``summary.csv``, ``summary.md`` and the plots into it."""
+def compare(
+    sweep_dir: str | Path,
+    *,
+    seed_key: str = "seed",
+    stage: Stage = "test",
+    plots: bool = True,
+    within: Sequence[str] = (),
+) -> Report:
+    """Read a sweep directory, write ``runs.csv``, ``summary.csv``, ``summary.md`` and the plots into it.
+
+    The verdicts rank settings only against settings scored on the same cells and representation (see
+    :func:`panels`); ``within`` splits them further by swept keys.
+    """
     sweep_dir = Path(sweep_dir)
     runs = find_runs(sweep_dir)
     failed = [r for r in runs if not r.finished]
@@ -236,7 +277,11 @@ def compare(sweep_dir: str | Path, *, seed_key: str = "seed", stage: Stage = "te
         raise ValueError(f"nothing to compare in {sweep_dir}: {found}")
     keys = group_keys(table, runs, seed_key=seed_key)
     summary = summarize(table, keys)
-    verdicts = [decide(summary, metric=m, stage=stage) for m in ("cosine", "mse")]
+    verdicts = [
+        decide(members, metric=m, stage=stage, panel=label)
+        for label, members in panels(summary, keys, within=within)
+        for m in ("cosine", "mse")
+    ]
     _warn_hidden_differences(runs, table, keys, seed_key=seed_key)
 
     files = [
@@ -330,11 +375,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun directory, e.g. multirun/2026-11-22/10-00-00")
     parser.add_argument("--seed-key", default="seed", help="the override that only changes the seed (default: seed)")
     parser.add_argument("--stage", choices=STAGES, default="test", help="cells the verdict is based on")
+    parser.add_argument(
+        "--within",
+        nargs="+",
+        default=(),
+        metavar="KEY",
+        help="one verdict per value of these swept keys (e.g. model.latent_dim); settings scored on different "
+        "data or representations are never ranked against each other anyway",
+    )
     parser.add_argument("--no-plots", action="store_true", help="write the tables only")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        report = compare(args.sweep_dir, seed_key=args.seed_key, stage=args.stage, plots=not args.no_plots)
+        report = compare(
+            args.sweep_dir, seed_key=args.seed_key, stage=args.stage, plots=not args.no_plots, within=args.within
+        )
     except (FileNotFoundError, ValueError) as err:
         print(f"exprae-compare: {err}", file=sys.stderr)
         return 1
