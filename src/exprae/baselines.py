@@ -7,13 +7,22 @@ good (better than PCA) or bad (worse than predicting every cell as the average c
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 
-def fit_pca(chunks: Iterable[torch.Tensor], n_components: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit PCA in one streaming pass over dense cell chunks; return ``(mean_g, components_kg)``.
+class PCAFit(NamedTuple):
+    """A PCA of the training cells: the mean, the components and each gene's variance."""
+
+    mean_g: torch.Tensor
+    components_kg: torch.Tensor
+    variance_g: torch.Tensor  # of each gene
+
+
+def fit_pca(chunks: Iterable[torch.Tensor], n_components: int) -> PCAFit:
+    """Fit PCA in one streaming pass over dense cell chunks.
 
     Accumulates the gene covariance in float64 and eigendecomposes it, so the memory is genes x genes
     whatever the number of cells, and sparse data only needs to be densified one chunk at a time.
@@ -41,7 +50,7 @@ def fit_pca(chunks: Iterable[torch.Tensor], n_components: int) -> tuple[torch.Te
     # Fix the sign (largest-magnitude loading positive) so the fit is reproducible across platforms.
     sign_k = torch.sign(components_kg.gather(1, components_kg.abs().argmax(1, keepdim=True)))
     components_kg = components_kg * sign_k
-    return mean_g.float(), components_kg.float()
+    return PCAFit(mean_g.float(), components_kg.float(), cov_gg.diagonal().clamp_min(0.0).float())
 
 
 class Baselines(nn.Module):
@@ -52,12 +61,15 @@ class Baselines(nn.Module):
         self.register_buffer("mean_g", torch.zeros(n_genes))
         self.register_buffer("components_kg", torch.zeros(n_components, n_genes))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        # Each gene's variance in the training cells: the units of the network's residual branches.
+        self.register_buffer("variance_g", torch.ones(n_genes))
 
     def fit(self, chunks: Iterable[torch.Tensor]) -> Baselines:
         """Fit both baselines on training-cell chunks."""
-        mean_g, components_kg = fit_pca(chunks, self.components_kg.shape[0])
-        self.mean_g.copy_(mean_g)
-        self.components_kg.copy_(components_kg)
+        fit = fit_pca(chunks, self.components_kg.shape[0])
+        self.mean_g.copy_(fit.mean_g)
+        self.components_kg.copy_(fit.components_kg)
+        self.variance_g.copy_(fit.variance_g)
         self.fitted.fill_(True)
         return self
 

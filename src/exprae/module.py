@@ -125,7 +125,8 @@ class AutoencoderModule(pl.LightningModule):
         """Fit the baselines on the training cells; with ``init="pca"`` the network then starts at PCA."""
         self.baselines.fit(datamodule.train_chunks())
         if self.net.init == "pca":
-            self.net.init_from_pca(self.baselines.mean_g, self.baselines.components_kg)
+            b = self.baselines
+            self.net.init_from_pca(b.mean_g, b.components_kg, variance_g=b.variance_g)
         if self.count_loss:
             self.input_view.fit(datamodule.preprocess)
             library_n = datamodule.split_dataset("train").per_cell[LIBRARY_KEY]

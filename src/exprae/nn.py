@@ -2,11 +2,14 @@
 
 With ``init="pca"`` (the default) the autoencoder is a PCA model plus nonlinear residual branches:
 
-    z     = W (x − μ)          + f_enc(x)
-    x_hat = Wᵀ z + μ           + f_dec(z)
+    z     = W (x − μ)          + f_enc((x − μ) / σ)
+    x_hat = Wᵀ z + μ           + σ ⊙ f_dec(z)
 
 ``W`` (latent x genes) and ``μ`` are set from a PCA of the training cells by :meth:`AutoEncoder.init_from_pca`
-and stay trainable; the last layer of each residual MLP starts at zero. Training therefore starts exactly at
+and stay trainable; the last layer of each residual MLP starts at zero. The residual MLPs work in each gene's
+standard units (``σ``: the gene's sd in the training cells, a fixed buffer): the encoder branch sees
+standardised genes and the decoder branch's output is scaled back per gene, so one learning rate suits scaled
+data, log data and raw counts in the thousands (on counts, without it, the residuals hardly trained). Training therefore starts exactly at
 the PCA reconstruction and can only move away from it where the loss improves, which is why the default
 model does not end below the PCA baseline. ``init="random"`` is the classic MLP autoencoder (no linear path).
 
@@ -107,6 +110,8 @@ class AutoEncoder(nn.Module):
         if init == "pca":
             self.linear_encoder = nn.Linear(self.n_genes, self.latent_dim)
             self.linear_decoder = nn.Linear(self.latent_dim, self.n_genes)
+            self.register_buffer("center_g", torch.zeros(self.n_genes))
+            self.register_buffer("scale_g", torch.ones(self.n_genes))
             # Residual branches start at zero, so the network starts as its linear (PCA) path.
             for branch in (self.encoder, self.decoder):
                 nn.init.zeros_(branch[-1].weight)
@@ -123,8 +128,18 @@ class AutoEncoder(nn.Module):
             )
 
     @torch.no_grad()
-    def init_from_pca(self, mean_g: torch.Tensor, components_kg: torch.Tensor) -> None:
-        """Set the linear path to the PCA projection ``W(x − μ)`` and its transpose ``Wᵀz + μ``."""
+    def init_from_pca(
+        self,
+        mean_g: torch.Tensor,
+        components_kg: torch.Tensor,
+        *,
+        variance_g: torch.Tensor | None = None,
+    ) -> None:
+        """Set the linear path to the PCA projection ``W(x − μ)`` and its transpose ``Wᵀz + μ``.
+
+        ``variance_g``, each gene's variance in the training cells, sets the units of the residual branches;
+        without it they work in the data's own units.
+        """
         if self.linear_encoder is None:
             raise RuntimeError("init_from_pca needs an AutoEncoder built with init='pca'")
         if tuple(components_kg.shape) != (self.latent_dim, self.n_genes):
@@ -138,14 +153,19 @@ class AutoEncoder(nn.Module):
         self.linear_encoder.bias.copy_(-(w @ mu))
         self.linear_decoder.weight.copy_(w.T)
         self.linear_decoder.bias.copy_(mu)
+        self.center_g.copy_(mu)
+        sd_g = torch.ones_like(self.scale_g) if variance_g is None else variance_g.to(mu).clamp_min(0.0).sqrt()
+        # A gene constant in the training cells gets the typical sd rather than a residual fixed at 0.
+        typical = sd_g[sd_g > 0].mean() if bool((sd_g > 0).any()) else torch.ones((), device=sd_g.device)
+        self.scale_g.copy_(torch.where(sd_g > 0, sd_g, typical))
 
     def encode(self, x_ng: torch.Tensor) -> torch.Tensor:
         """Latent code ``z_nk`` of each cell."""
         x_ng = self.input_dropout(x_ng)
-        z_nk = self.encoder(x_ng)
-        if self.linear_encoder is not None:
-            z_nk = z_nk + self.linear_encoder(x_ng)
-        return z_nk
+        if self.linear_encoder is None:
+            return self.encoder(x_ng)
+        standard_ng = (x_ng - self.center_g) / self.scale_g
+        return self.linear_encoder(x_ng) + self.encoder(standard_ng)
 
     def decode(self, z_nk: torch.Tensor) -> torch.Tensor:
         """Reconstructed profile ``x_hat_ng`` from latent codes."""
@@ -153,11 +173,11 @@ class AutoEncoder(nn.Module):
 
     def _decode_with_hidden(self, z_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's last hidden layer ``h_nh`` (the count head's input) and its output ``x_hat_ng``."""
+        if self.linear_decoder is None:
+            h_nh = self.decoder[:-1](z_nk)
+            return h_nh, self.decoder[-1](h_nh)
         h_nh = self.decoder[:-1](z_nk)
-        x_hat_ng = self.decoder[-1](h_nh)
-        if self.linear_decoder is not None:
-            x_hat_ng = x_hat_ng + self.linear_decoder(z_nk)
-        return h_nh, x_hat_ng
+        return h_nh, self.linear_decoder(z_nk) + self.scale_g * self.decoder[-1](h_nh)
 
     def forward(self, x_ng: torch.Tensor) -> dict[str, torch.Tensor]:
         z_nk = self.encode(x_ng)
