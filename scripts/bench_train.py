@@ -275,7 +275,7 @@ def run_exprae(path: str, dm: ExpressionDataModule, s: Setting, baselines: dict[
     )
     # PCA baselines fitted once per data set and shared: what module.setup would compute, identically.
     module.baselines.load_state_dict(baselines)
-    module.net.init_from_pca(module.baselines.mean_g, module.baselines.components_kg)
+    module.start_at_pca()
     n_train = len(dm.splits["train"])
     clock = Clock(n_train)
     limits = {"max_epochs": 1, "limit_train_batches": 12, "limit_val_batches": 2} if warm else {}

@@ -121,12 +121,16 @@ class AutoencoderModule(pl.LightningModule):
         if stage == "fit" and not bool(self.baselines.fitted):
             self.prepare_start(self.trainer.datamodule)
 
+    def start_at_pca(self) -> None:
+        """Set the network's linear path (and residual units) from the fitted PCA baseline."""
+        b = self.baselines
+        self.net.init_from_pca(b.mean_g, b.components_kg, variance_g=b.variance_g)
+
     def prepare_start(self, datamodule: Any) -> None:
         """Fit the baselines on the training cells; with ``init="pca"`` the network then starts at PCA."""
         self.baselines.fit(datamodule.train_chunks())
         if self.net.init == "pca":
-            b = self.baselines
-            self.net.init_from_pca(b.mean_g, b.components_kg, variance_g=b.variance_g)
+            self.start_at_pca()
         if self.count_loss:
             self.input_view.fit(datamodule.preprocess)
             library_n = datamodule.split_dataset("train").per_cell[LIBRARY_KEY]
