@@ -122,7 +122,7 @@ def test_triplet_aux_term_improves_latent_knn_accuracy_on_pbmc68k(compose_cfg):
         print(f"{stage}/knn_accuracy: without aux {before:.3f}, with triplet aux {after:.3f}")
         assert after > before, (stage, before, after)
         gains.append(after - before)
-    assert sum(gains) / 2 >= 0.03, gains  # measured: +0.048 (val) and +0.038 (test)
+    assert sum(gains) / 2 >= 0.03, gains  # measured: +0.033 (val) and +0.042 (test)
     # The latent term does not cost reconstruction quality.
     assert with_aux["val"]["model"]["cosine"] >= plain["val"]["model"]["cosine"] - 0.01
 
