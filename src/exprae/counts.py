@@ -27,10 +27,11 @@ from exprae.constants import LIBRARY_KEY
 Dispersion = Literal["none", "gene", "gene-cell"]
 Library = Literal["observed", "learned"]
 _DISPERSIONS = ("none", "gene", "gene-cell")
-# Per-gene log-dispersions are stored in units of 1/10: Adam moves each parameter by about lr per step, and
+# Per-gene log-dispersions are stored in units of 1/30: Adam moves each parameter by about lr per step, and
 # log theta has to travel O(1) (theta from its start at 1 to 5-50) while the network's weights move little.
-# In these units it gets there in a few hundred steps instead of thousands, without a separate optimizer group.
-_LOG_THETA_UNIT = 10.0
+# In these units, at the default lr 3e-4, it gets there in a few hundred steps instead of thousands, without a
+# separate optimizer group.
+_LOG_THETA_UNIT = 30.0
 _LIBRARIES = ("observed", "learned")
 
 
