@@ -47,11 +47,11 @@ test-fast: $(STAMP) ## run the tests not marked slow
 
 lint: $(STAMP) ## ruff lint + format check
 	$(VENV)/bin/ruff check src tests scripts notebooks
-	$(VENV)/bin/ruff format --check src tests scripts
+	$(VENV)/bin/ruff format --check src tests scripts notebooks
 
 format: $(STAMP) ## apply ruff fixes and formatting
-	$(VENV)/bin/ruff check --fix src tests scripts
-	$(VENV)/bin/ruff format src tests scripts
+	$(VENV)/bin/ruff check --fix src tests scripts notebooks
+	$(VENV)/bin/ruff format src tests scripts notebooks
 
 BENCH_ARGS ?=
 bench: $(STAMP) ## training-speed table: exprae vs a per-cell DataLoader vs scvi-tools (GPU sizes on a GPU; BENCH_ARGS="--sizes 1e5x2000")
