@@ -148,6 +148,30 @@ def test_config_target_outside_exprae_and_torch_is_refused(pbmc_run, tmp_path):
         exprae.load(copy)
 
 
+def test_checkpoint_that_does_not_fit_its_config_is_a_clear_error(pbmc_run, tmp_path):
+    """An older checkpoint without the gene-unit buffers, or a config edited after training, names the keys."""
+    old = shutil.copytree(pbmc_run, tmp_path / "old")
+    path = old / "checkpoints" / "best.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("net.center_g", "net.scale_g"):
+        del ckpt["state_dict"][key]
+    torch.save(ckpt, path)
+    with pytest.raises(
+        ValueError, match=r"does not match .*another exprae version.*missing \['net.center_g', 'net.scale_g'\]"
+    ):
+        exprae.load(old)
+
+    edited = shutil.copytree(pbmc_run, tmp_path / "edited")
+    config = edited / rundir.CONFIG_FILE
+    cfg = yaml.safe_load(config.read_text())
+    cfg["model"]["latent_dim"] = 4  # trained with 8
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(
+        ValueError, match=r"does not match .*size mismatch for encoder\.8\.weight: .*torch\.Size\(\[8, 128\]\)"
+    ):
+        exprae.load(edited)
+
+
 class WritesMarker:
     """Unpickling this runs ``exec``: the shape of a real malicious checkpoint."""
 

@@ -231,12 +231,19 @@ def load(path: str | Path, *, device: str | torch.device = "auto") -> ExpraeMode
             f"{checkpoint} was trained with a count likelihood ({config['loss'].get('_target_')}); exprae.load and "
             "exprae.embed apply models trained with mse/cosine/mixed/pearson losses only, for now"
         )
+    mismatch = (
+        f"{checkpoint} does not match the network described by {run_dir / rundir.CONFIG_FILE} (trained by "
+        "another exprae version, or the config edited after training?)"
+    )
     for name, part in (("net.", net), ("baselines.", baselines)):
-        result = part.load_state_dict(_sub_state(state, name), strict=False)
+        try:
+            result = part.load_state_dict(_sub_state(state, name), strict=False)
+        except RuntimeError as e:  # a tensor of another shape, e.g. model.latent_dim changed in the config
+            sizes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line][:3]
+            raise ValueError(f"{mismatch}: {'; '.join(sizes) or e}") from e
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(
-                f"{checkpoint} does not match the network described by {run_dir / rundir.CONFIG_FILE}: "
-                f"missing {[name + k for k in result.missing_keys][:5]}, "
+                f"{mismatch}: missing {[name + k for k in result.missing_keys][:5]}, "
                 f"unexpected {[name + k for k in result.unexpected_keys][:5]}"
             )
     loss = str(config["loss"].get("_target_", "unknown")).rsplit(".", 1)[-1]
