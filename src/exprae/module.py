@@ -11,7 +11,16 @@ import torch
 from torch import nn
 
 from exprae.baselines import Baselines
-from exprae.constants import INDEX_KEY, LABEL_KEY, LIBRARY_KEY, SIZE_FACTOR_KEY, TARGET_KEY, TRUTH_KEY, X_KEY
+from exprae.constants import (
+    EXTRA_SCORES,
+    INDEX_KEY,
+    LABEL_KEY,
+    LIBRARY_KEY,
+    SIZE_FACTOR_KEY,
+    TARGET_KEY,
+    TRUTH_KEY,
+    X_KEY,
+)
 from exprae.counts import InputView, count_parameters, expected_counts
 from exprae.errors import ConfigError
 from exprae.fast_step import (
@@ -30,9 +39,6 @@ log = logging.getLogger(__name__)
 
 EVAL_STAGES = ("val", "test")
 SCORED = ("model", "mean", "pca")  # the model and the two baselines, scored on the same cells
-# Further scores of the same reconstructions, and how their metric names are logged: against the noise-free
-# truth (synthetic data), and on entries hidden from the encoder (the imputation score, ``mask_fraction``).
-EXTRA_SCORES = {"truth": "{}_to_truth", "masked": "masked_{}"}
 
 
 class AutoencoderModule(pl.LightningModule):
@@ -186,7 +192,6 @@ class AutoencoderModule(pl.LightningModule):
             return loss
         if LABEL_KEY in batch:
             self._latents[stage].append((out["z"].detach().float(), batch[LABEL_KEY]))
-        # Count likelihoods fit raw counts; their metrics (and the baselines') are taken in the input's space.
         target = self._eval_target(batch)
         recons = {"model": self.reconstruct(out, batch)}
         self.metrics[f"{stage}_model"].update(recons["model"], target, loss_n)
@@ -216,8 +221,9 @@ class AutoencoderModule(pl.LightningModule):
         recons = {"model": self.reconstruct(self(x_masked_ng), batch)}
         if self.with_baselines:
             recons.update(self.baselines(x_masked_ng.float()))
+        target = self._eval_target(batch)
         for who, recon in recons.items():
-            self.metrics[f"{stage}_{who}_masked"].update(recon, self._eval_target(batch), mask_ng=hidden_ng)
+            self.metrics[f"{stage}_{who}_masked"].update(recon, target, mask_ng=hidden_ng)
 
     def _add_aux(
         self, recon: torch.Tensor, z_nk: torch.Tensor, batch: dict[str, torch.Tensor], *, log_terms: bool = True

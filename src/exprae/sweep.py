@@ -18,13 +18,14 @@ import pandas as pd
 import yaml
 
 from exprae import rundir
+from exprae.constants import METRIC_NAMES
 
 log = logging.getLogger(__name__)
 
 OVERRIDES_FILE = ".hydra/overrides.yaml"  # the job's own overrides, e.g. ["loss=mse", "seed=0"]
 STAGES = ("val", "test")
 SCORED = ("model", "mean", "pca")  # the model and the two baselines, as in metrics.json
-METRICS = ("cosine", "pearson", "mse", "loss", "cosine_median", "cosine_p10")
+METRICS = METRIC_NAMES
 CURVE_TAGS = ("val/cosine", "val/mse")
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from exprae.constants import TRUTH_KEY
+from exprae.constants import EXTRA_SCORES, METRIC_NAMES, TRUTH_KEY
 from exprae.errors import ConfigError
 
 _HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
@@ -159,17 +159,17 @@ def check_sizes(net: Any, *, n_train: int) -> None:
 
 def validation_metric_names(module: Any, datamodule: Any) -> set[str]:
     """The ``val/...`` keys this module will log on this data (what a checkpoint or scheduler can monitor)."""
-    names = {"loss", "cosine", "pearson", "mse", "cosine_median", "cosine_p10"}
+    names = set(METRIC_NAMES)
     extra = set()
     if getattr(module, "count_loss", False):
         extra |= {"nll", "dispersion_pearson", "dispersion_spearman"}
     if getattr(datamodule, "label_key", None) is not None:
         extra.add("knn_accuracy")
     if getattr(module, "mask_fraction", 0.0) > 0:
-        extra |= {f"masked_{n}" for n in names if n != "loss"}
+        extra |= {EXTRA_SCORES["masked"].format(n) for n in names if n != "loss"}
     adata = getattr(datamodule, "adata", None)
     if adata is not None and TRUTH_KEY in adata.layers:
-        extra |= {f"{n}_to_truth" for n in names if n != "loss"}
+        extra |= {EXTRA_SCORES["truth"].format(n) for n in names if n != "loss"}
     return {f"val/{n}" for n in names | extra}
 
 
