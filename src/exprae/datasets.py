@@ -22,6 +22,19 @@ def pbmc68k() -> ad.AnnData:
     return sc.datasets.pbmc68k_reduced()
 
 
+def _proportions(logits_ng: np.ndarray) -> np.ndarray:
+    """Each cell's gene proportions: a row softmax of ``logits_ng`` (computed in place, shifted for stability)."""
+    logits_ng -= logits_ng.max(axis=1, keepdims=True)
+    rho_ng = np.exp(logits_ng)
+    rho_ng /= rho_ng.sum(axis=1, keepdims=True)
+    return rho_ng
+
+
+def _negative_binomial(rng: np.random.Generator, mean_ng: np.ndarray, theta_g: np.ndarray) -> np.ndarray:
+    """Counts drawn from NB(mean, theta), as Poisson(Gamma(shape=theta, scale=mean/theta)), as float32."""
+    return rng.poisson(rng.gamma(theta_g, mean_ng / theta_g)).astype(np.float32)
+
+
 def synthetic_counts(
     n_cells: int = 2000,
     n_genes: int = 1000,
@@ -63,14 +76,11 @@ def synthetic_counts(
     else:
         raise ConfigError(f"structure must be 'linear' or 'nonlinear', got {structure!r}")
     logits_ng += rng.normal(0.0, 1.0, size=n_genes)  # gene baseline abundance
-    logits_ng -= logits_ng.max(axis=1, keepdims=True)
-    rho_ng = np.exp(logits_ng)
-    rho_ng /= rho_ng.sum(axis=1, keepdims=True)
+    rho_ng = _proportions(logits_ng)
     library_n = np.exp(rng.normal(np.log(library_mean), library_spread, size=n_cells))
     mean_ng = (rho_ng * library_n[:, None]).astype(np.float32)
     theta_g = dispersion * np.exp(rng.normal(0.0, 0.3, size=n_genes))
-    # NB(mean, theta) as Poisson(Gamma(shape=theta, scale=mean/theta)).
-    counts_ng = rng.poisson(rng.gamma(theta_g, mean_ng / theta_g)).astype(np.float32)
+    counts_ng = _negative_binomial(rng, mean_ng, theta_g)
     if dropout > 0:
         counts_ng[rng.random(counts_ng.shape) < dropout] = 0.0
     adata = ad.AnnData(
@@ -145,13 +155,9 @@ def synthetic_counts_sparse(
         n = min(chunk_cells, n_cells - starts[i])
         type_n = r.integers(0, n_types, size=n)
         u_np = (centroids_tp[type_n] + r.normal(0.0, 0.5, size=(n, n_programs))).astype(np.float32)
-        logits_ng = u_np @ w_pg + base_g
-        logits_ng -= logits_ng.max(axis=1, keepdims=True)
-        rho_ng = np.exp(logits_ng)
-        rho_ng /= rho_ng.sum(axis=1, keepdims=True)
+        rho_ng = _proportions(u_np @ w_pg + base_g)
         library_n = np.exp(r.normal(np.log(library_mean), library_spread, size=n)).astype(np.float32)
-        mean_ng = rho_ng * library_n[:, None]
-        counts_ng = r.poisson(r.gamma(theta_g, mean_ng / theta_g)).astype(np.float32)
+        counts_ng = _negative_binomial(r, rho_ng * library_n[:, None], theta_g)
         return sp.csr_matrix(counts_ng), type_n
 
     with ThreadPoolExecutor(max_workers=n_threads) as pool:
