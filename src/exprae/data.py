@@ -407,6 +407,11 @@ class ExpressionDataModule(pl.LightningDataModule):
     def source(self) -> str:
         return str(Path(self.path).expanduser()) if self.path is not None else f"builtin:{self.dataset}"
 
+    @property
+    def layer_name(self) -> str:
+        """The input matrix as messages name it: ``X``, ``raw`` or the layer."""
+        return "X" if self.layer in (None, "X") else self.layer
+
     def load_raw(self) -> ad.AnnData:
         """The AnnData as the user has it, before matrix selection and preprocessing."""
         if self.path is not None:
@@ -421,7 +426,7 @@ class ExpressionDataModule(pl.LightningDataModule):
             return
         full = self.load_raw()
         adata = select_matrix(full, self.layer)
-        what = f"{self.source} ({'X' if self.layer in (None, 'X') else self.layer})"
+        what = f"{self.source} ({self.layer_name})"
         if adata.n_obs == 0 or adata.n_vars == 0:
             raise DataError(f"{what} is empty: {adata.n_obs} cells x {adata.n_vars} genes")
         if not adata.var_names.is_unique:
@@ -457,7 +462,7 @@ class ExpressionDataModule(pl.LightningDataModule):
             self.adata.var[col] = full.var[col].reindex(self.adata.var_names).to_numpy()
         if self.count_target or self.target_layer is not None:
             self._attach_target(full, adata)
-        if TRUTH_KEY in full.layers and self.layer in (None, "X"):
+        if TRUTH_KEY in full.layers and self.layer_name == "X":
             truth = ad.AnnData(X=full.layers[TRUTH_KEY], obs=adata.obs[[]], var=pd.DataFrame(index=adata.var_names))
             self.adata.layers[TRUTH_KEY] = self.preprocess.transform(truth).X
         if self.label_key is not None:
@@ -534,9 +539,7 @@ class ExpressionDataModule(pl.LightningDataModule):
 
     def _attach_target(self, full: ad.AnnData, selected: ad.AnnData) -> None:
         """Keep the target for the kept genes: raw counts (count likelihoods) or preprocessed like the input."""
-        name = (
-            self.target_layer if self.target_layer is not None else ("X" if self.layer in (None, "X") else self.layer)
-        )
+        name = self.target_layer if self.target_layer is not None else self.layer_name
         source = selected if self.target_layer in (None, self.layer) else select_matrix(full, self.target_layer)
         what = f"data.target_layer={name!r} of {self.source}"
         if self.target_layer is None:
