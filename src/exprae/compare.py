@@ -191,10 +191,8 @@ def panels(summary: pd.DataFrame, keys: Sequence[str], *, within: Sequence[str] 
     missing = [k for k in within if k not in keys]
     if missing:
         raise ValueError(f"--within {', '.join(missing)}: not swept in this sweep; swept keys: {list(keys)}")
-    # The mean profile's cosine/Pearson/MSE depend only on the cells and their representation (its "loss" also
-    # depends on the loss, so it is left out).
-    cols = [c for s in STAGES for m in ("cosine", "pearson", "mse") if (c := f"{s}/mean/{m}/mean") in summary]
-    signature = summary[cols].round(6).astype(str).agg("|".join, axis=1) if cols else pd.Series("", summary.index)
+    # The mean profile's scores depend only on the cells and their representation.
+    signature = _baseline_key(summary, "mean")
     for k in within:
         signature = signature + "|" + summary[k].astype(str)
     groups = [members for _, members in summary.groupby(signature, sort=False)]
@@ -238,15 +236,21 @@ def markdown_table(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _baseline_key(summary: pd.DataFrame, who: str) -> pd.Series:
+    """Per setting, a key that is equal exactly where baseline ``who`` scored the same (its cosine, MSE and Pearson;
+    not its "loss", which depends on the loss): the same cells, representation and, for PCA, size."""
+    cols = [c for s in STAGES for m, _ in TABLE_METRICS if (c := f"{s}/{who}/{m}/mean") in summary]
+    return summary[cols].round(6).astype(str).agg("|".join, axis=1) if cols else pd.Series("", index=summary.index)
+
+
 def _baseline_rows(summary: pd.DataFrame, who: str) -> list[tuple[str, pd.Series, int]]:
     """One row per distinct baseline result: settings that share the same baseline (same cells, same PCA size)
     are merged, so a loss sweep shows PCA once, a latent-size sweep once per size."""
     cols = [f"{s}/{who}/{m}/mean" for s in STAGES for m, _ in TABLE_METRICS]
     if not set(cols) <= set(summary.columns):
         return []
-    key = summary[cols].round(6).astype(str).agg("|".join, axis=1)
     rows = []
-    for _, members in summary.groupby(key, sort=False):
+    for _, members in summary.groupby(_baseline_key(summary, who), sort=False):
         first = members.iloc[0]
         label = "all settings" if len(members) == len(summary) else "; ".join(members["setting"])
         if who == "pca" and "latent_dim" in members:
