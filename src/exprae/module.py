@@ -30,7 +30,7 @@ from exprae.fast_step import (
     count_optimizer_step,
     step_epoch_schedulers,
 )
-from exprae.losses import CountNLL, ReconstructionLoss, reduce_per_cell
+from exprae.losses import CountNLL, ReconstructionLoss, cosine_similarity, reduce_per_cell
 from exprae.masking import hidden_entries
 from exprae.metrics import ReconstructionMetrics, knn_label_accuracy
 from exprae.nn import AutoEncoder
@@ -342,8 +342,7 @@ def dispersion_agreement(log_theta_g: torch.Tensor, true_log_theta_g: torch.Tens
     a, b = a[keep], b[keep]
 
     def pearson(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        u, v = u - u.mean(), v - v.mean()
-        return ((u * v).sum() / (u.norm() * v.norm()).clamp_min(1e-12)).float()
+        return cosine_similarity(u, v, centered=True).float()
 
     def ranks(u: torch.Tensor) -> torch.Tensor:
         return u.argsort().argsort().double()  # continuous values: ties have probability zero
