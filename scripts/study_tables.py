@@ -10,12 +10,11 @@ written from; ``exprae-compare`` gives the same numbers with plots once it is av
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
 
-import yaml
+from exprae.sweep import find_runs
 
 WHO = ("model", "pca", "mean")
 COLUMNS = {
@@ -35,16 +34,12 @@ COLUMNS = {
 def load_runs(sweeps: list[Path]) -> tuple[list[tuple[dict[str, str], dict]], list[Path]]:
     """(overrides, metrics) of every finished run under the sweep directories, and the unfinished runs."""
     runs, unfinished = [], []
-    for sweep in sweeps:
-        for overrides_file in sorted(sweep.glob("*/.hydra/overrides.yaml")):
-            run = overrides_file.parent.parent
-            metrics_file = run / "metrics.json"
-            if not metrics_file.is_file():
-                unfinished.append(run)
-                continue
-            pairs = dict(o.split("=", 1) for o in yaml.safe_load(overrides_file.read_text()))
-            pairs.pop("experiment", None)
-            runs.append((pairs, json.loads(metrics_file.read_text())))
+    for run in (r for sweep in sweeps for r in find_runs(sweep)):
+        if not run.finished:
+            unfinished.append(run.path)
+            continue
+        overrides = {k: v for k, v in run.overrides.items() if k != "experiment"}
+        runs.append((overrides, run.metrics))
     return runs, unfinished
 
 

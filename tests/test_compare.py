@@ -318,3 +318,24 @@ def test_slurm_launcher_composes_to_one_gpu_per_run(compose_cfg):
     known |= {"max_num_timeout", "array_parallelism", "setup", "additional_parameters"}  # the plugin's own
     assert set(launcher_cfg.keys()) <= known, set(launcher_cfg.keys()) - known
     assert SlurmExecutor._equivalence_dict()["gpus_per_node"] == "gpus_per_node"  # sbatch --gpus-per-node
+
+
+def test_study_tables_script_reads_a_real_sweep(sweep_dir, tmp_path):
+    """scripts/study_tables.py (the docs' tables) reads runs through exprae.sweep and lists unfinished ones."""
+    unfinished = tmp_path / "other" / "0" / ".hydra"
+    unfinished.mkdir(parents=True)
+    (unfinished / "overrides.yaml").write_text("- loss=mse\n")
+    script = Path(exprae.__file__).resolve().parents[2] / "scripts" / "study_tables.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(sweep_dir), str(tmp_path / "other")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    runs = _run_metrics(sweep_dir)
+    out = proc.stdout
+    assert f"{len(runs)} finished runs; unfinished: {tmp_path / 'other' / '0'}" in out
+    for loss in LOSSES:
+        cosines = [r["metrics"]["test"]["model"]["cosine"] for r in runs.values() if f"loss={loss}" in r["overrides"]]
+        assert f"| {loss} | {len(cosines)} | {np.mean(cosines):.4f} ± {np.std(cosines, ddof=1):.4f} |" in out
