@@ -84,7 +84,7 @@ def main() -> None:
         if args.path is None:
             import anndata as ad
 
-            from exprae.datasets import synthetic_counts
+            from exprae.data.datasets import synthetic_counts
 
             blocks = [
                 synthetic_counts(args.cells // 8, args.genes, seed=s, library_mean=800, store_truth=False)
@@ -95,7 +95,7 @@ def main() -> None:
             args.path = str(Path(tmp) / "atlas.h5ad")
             adata.write_h5ad(args.path)
             del adata, blocks
-        from exprae.backed_data import BackedMatrix
+        from exprae.data.backed import BackedMatrix
 
         n_cells, n_genes = BackedMatrix(args.path, layer=None).shape
         size = Path(args.path).stat().st_size

@@ -42,11 +42,11 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset
 
-from exprae.baselines import Baselines
 from exprae.constants import INDEX_KEY, TARGET_KEY, X_KEY
 from exprae.data import ExpressionDataModule
-from exprae.datasets import synthetic_counts_sparse
+from exprae.data.datasets import synthetic_counts_sparse
 from exprae.losses import cosine_similarity
+from exprae.nn.baselines import Baselines
 from exprae.train import CONFIG_DIR
 
 ALL_PATHS = ("exprae-graph", "exprae", "exprae-host", "exprae-model", "dataloader", "scvi")

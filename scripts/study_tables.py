@@ -14,7 +14,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from exprae.sweep import find_runs
+from exprae.report.sweep_runs import find_runs
 
 WHO = ("model", "pca", "mean")
 COLUMNS = {

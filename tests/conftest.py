@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
-from exprae.datasets import pbmc68k
+from exprae.data.datasets import pbmc68k
 from exprae.train import CONFIG_DIR
 
 # Overrides that keep a real run short and quiet on 2 CPU cores.

@@ -23,11 +23,11 @@ import scipy.sparse as sp
 from hydra.errors import InstantiationException
 
 import exprae
-from exprae import rundir
-from exprae.datasets import synthetic_counts
+from exprae.data.datasets import synthetic_counts
 from exprae.errors import ConfigError, DataError, DataFileNotFoundError, MissingKeyError
+from exprae.runs import rundir
 from exprae.train import build, train
-from exprae.validate import validation_metric_names
+from exprae.training.config_checks import validation_metric_names
 
 SRC = Path(exprae.__file__).resolve().parents[1]
 # pbmc68k's X is already scaled (it has negative values): no count preprocessing, all 765 genes.

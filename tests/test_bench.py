@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from exprae.datasets import synthetic_counts_sparse
+from exprae.data.datasets import synthetic_counts_sparse
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
 

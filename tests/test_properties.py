@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from exprae.losses import CosineLoss, MixedLoss, MSELoss, cosine_similarity, reduce_per_cell
-from exprae.metrics import ReconstructionMetrics, per_cell_metrics
+from exprae.scoring.metrics import ReconstructionMetrics, per_cell_metrics
 
 # Derandomized so CI is reproducible; EXPRAE_HYPOTHESIS_EXAMPLES=2000 searches harder locally.
 PROPERTY = settings(

@@ -21,8 +21,8 @@ from typing import Literal
 import pandas as pd
 from scipy import stats
 
-from exprae import rundir
-from exprae.sweep import STAGES, Run, find_runs, metrics_table, read_curves, setting_labels
+from exprae.report.sweep_runs import STAGES, Run, find_runs, metrics_table, read_curves, setting_labels
+from exprae.runs import rundir
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def compare(
         rundir.write_text_atomic(sweep_dir / "summary.csv", summary.to_csv(index=False)),
     ]
     if plots:
-        from exprae import plots as sweep_plots
+        from exprae.report import figures as sweep_plots
 
         curves = _curves(runs, table, keys)
         files.append(sweep_plots.metrics_figure(table, summary, keys, path=sweep_dir / "metrics.png"))

@@ -9,7 +9,7 @@ LABEL_KEY = "label"  # integer label per cell, for auxiliary latent losses
 TRUTH_KEY = "true_mean"  # noise-free profile (synthetic data only), after the same preprocessing
 INDEX_KEY = "index"  # row of the cell in the split's AnnData
 
-# What every scored reconstruction is logged and saved with (exprae.metrics.ReconstructionMetrics computes them),
+# What every scored reconstruction is logged and saved with (exprae.scoring.metrics.ReconstructionMetrics computes them),
 # and the further scores of the same names: against the noise-free truth (synthetic data), and on entries hidden
 # from the encoder (the imputation score, module.mask_fraction).
 METRIC_NAMES = ("cosine", "pearson", "mse", "loss", "cosine_median", "cosine_p10")

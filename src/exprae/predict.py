@@ -130,8 +130,8 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | Path, *, overwrite: bool) -
 
 def predict(cfg: PredictConfig) -> ad.AnnData:
     """Load the model, embed the data, write the output; returns the embedded AnnData."""
-    from exprae.api import embed, load
     from exprae.data import read_h5ad
+    from exprae.inference.embed import embed, load
 
     out = Path(cfg.out).expanduser()
     # Fail before any work: an existing output, or a folder that is not there.
@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PredictError as e:
         print(f"exprae-predict: error: {e}", file=sys.stderr)
         return 2
-    from exprae.api import GeneMismatchError, UnsafeCheckpointError
+    from exprae.inference.embed import GeneMismatchError, UnsafeCheckpointError
 
     try:
         adata = predict(cfg)

@@ -19,13 +19,14 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from exprae import rundir, runguard
 from exprae.data import ExpressionDataModule
 from exprae.errors import CLIError, ConfigError, ExpraeError
-from exprae.hparams import log_final_hparams
-from exprae.module import AutoencoderModule
-from exprae.resume import check_resume, resolve_ckpt_path
-from exprae.validate import check_config, check_monitors, check_sizes, validation_metric_names
+from exprae.runs import lock as runguard
+from exprae.runs import rundir
+from exprae.runs.resume import check_resume, resolve_ckpt_path
+from exprae.training.config_checks import check_config, check_monitors, check_sizes, validation_metric_names
+from exprae.training.hparams import log_final_hparams
+from exprae.training.module import AutoencoderModule
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, validate and test one configuration; write the run directory; return the final metrics.
 
     Everything that can be wrong with the config or the data is checked before the first file is written,
-    and a run that fails before then leaves no run directory (see :mod:`exprae.runguard`).
+    and a run that fails before then leaves no run directory (see :mod:`exprae.runs.lock`).
     """
     check_config(cfg)
     out_dir = Path(cfg.paths.output_dir)

@@ -1,0 +1,147 @@
+"""Reading and checking AnnData: the input matrix (X, a layer or raw), its values, and count targets."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from exprae.errors import DataError, DataFileNotFoundError, MissingKeyError
+
+# ---------------------------------------------------------------- reading and checking
+
+
+def read_h5ad_header(path: str | Path) -> Path:
+    """Check that ``path`` is an existing HDF5 file (what an ``.h5ad`` is); return it expanded."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataFileNotFoundError(f"data file {path} does not exist")
+    if path.is_dir():
+        raise DataError(f"data path {path} is a directory, expected an .h5ad file")
+    with path.open("rb") as f:
+        magic = f.read(8)
+    if magic != b"\x89HDF\r\n\x1a\n":
+        raise DataError(f"{path} is not an .h5ad file (not HDF5); write one with adata.write_h5ad()")
+    return path
+
+
+def read_h5ad(path: str | Path) -> ad.AnnData:
+    """Read an ``.h5ad`` file, turning a missing, foreign or corrupt file into an error that names it."""
+    path = read_h5ad_header(path)
+    try:
+        return ad.read_h5ad(path)
+    except Exception as e:  # h5py/anndata raise many types for truncated or damaged files
+        keys = _hdf5_keys(path)
+        if keys is not None and not {"X", "obs", "var"} <= set(keys):
+            raise DataError(
+                f"{path} is an HDF5 file but not an AnnData .h5ad (top-level keys {keys[:8]}); a 10x Genomics "
+                ".h5 is read with scanpy.read_10x_h5() and saved with adata.write_h5ad()"
+            ) from e
+        raise DataError(f"{path} could not be read as AnnData (truncated or corrupt?): {e}") from e
+
+
+def _hdf5_keys(path: Path) -> list[str] | None:
+    """Top-level keys of an HDF5 file, or None if it cannot even be opened."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return list(f.keys())
+    except Exception:
+        return None
+
+
+def select_matrix(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
+    """An AnnData whose ``X`` is the chosen matrix: ``X`` (None or "X"), ``"raw"`` or a named layer."""
+    if layer in (None, "X"):
+        return ad.AnnData(
+            X=adata.X,
+            obs=adata.obs.copy(),
+            var=pd.DataFrame(index=adata.var_names.copy()),
+            layers=dict(adata.layers),
+        )
+    if layer == "raw":
+        if adata.raw is None:
+            raise DataError("data.layer='raw' was requested but this AnnData has no .raw")
+        return ad.AnnData(X=adata.raw.X, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.raw.var_names.copy()))
+    if layer not in adata.layers:
+        raise MissingKeyError(
+            f"layer {layer!r} not found; available layers: {list(adata.layers) or 'none'} "
+            "(or use data.layer=X / data.layer=raw)"
+        )
+    return ad.AnnData(
+        X=adata.layers[layer],
+        obs=adata.obs.copy(),
+        var=pd.DataFrame(index=adata.var_names.copy()),
+        layers={k: v for k, v in adata.layers.items() if k != layer},
+    )
+
+
+def _positions(csr: sp.csr_matrix | None, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of each flagged value: of a CSR matrix's stored values, or of a dense matrix's entries."""
+    if csr is None:
+        return np.nonzero(mask)
+    return np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))[mask], csr.indices[mask]
+
+
+def check_matrix(
+    x: np.ndarray | sp.spmatrix,
+    *,
+    obs_names: Sequence[str],
+    var_names: Sequence[str],
+    nonnegative: bool,
+    what: str = "data",
+) -> None:
+    """Refuse NaN/inf (and negatives where asked), naming how many and the first cells and genes."""
+    csr = sp.csr_matrix(x) if sp.issparse(x) else None
+    values = csr.data if csr is not None else np.asarray(x)
+    bad = ~np.isfinite(values)
+    problems = [("NaN or infinite", bad)]
+    if nonnegative:
+        problems.append(("negative", np.isfinite(values) & (values < 0)))
+    for label, mask in problems:
+        if not mask.any():
+            continue
+        rows, cols = _positions(csr, mask)
+        cells = list(dict.fromkeys(np.asarray(obs_names)[rows[:50]]))[:3]
+        genes = list(dict.fromkeys(np.asarray(var_names)[cols[:50]]))[:3]
+        hint = " (log1p/normalize_total need non-negative values)" if label == "negative" else ""
+        raise DataError(
+            f"{what} has {int(mask.sum())} {label} values{hint}, in {len(np.unique(rows))} cells and "
+            f"{len(np.unique(cols))} genes; first cells {cells}, first genes {genes}"
+        )
+
+
+def check_counts(x: np.ndarray | sp.spmatrix, *, obs_names: Sequence[str], var_names: Sequence[str], what: str) -> None:
+    """Refuse a count-likelihood target that is not raw counts (NaN/inf, negative or non-integer values)."""
+    csr = sp.csr_matrix(x) if sp.issparse(x) else None
+    values = csr.data if csr is not None else np.asarray(x)
+    finite = np.isfinite(values)
+    for label, mask in (
+        ("NaN or infinite", ~finite),
+        ("negative", finite & (values < 0)),
+        ("non-integer", finite & (values != np.round(values))),
+    ):
+        if not mask.any():
+            continue
+        rows, cols = _positions(csr, mask)
+        example = values[mask][0]
+        raise DataError(
+            f"{what} has {int(mask.sum())} {label} values (e.g. {example:g} in cell {np.asarray(obs_names)[rows[0]]!r}, "
+            f"gene {np.asarray(var_names)[cols[0]]!r}); count likelihoods (poisson, nb, zinb) need raw integer "
+            "counts: point data.target_layer at a layer of raw counts (e.g. data.target_layer=counts), or use an "
+            "expression loss such as loss=mse"
+        )
+
+
+def _row_sums(x: np.ndarray | sp.spmatrix) -> np.ndarray:
+    return np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+
+
+def _all_zero(x: np.ndarray | sp.spmatrix, *, axis: int) -> np.ndarray:
+    """Rows (axis=1) or columns (axis=0) whose entries are all zero, explicit stored zeros included."""
+    return np.asarray(abs(x).sum(axis=axis)).ravel() == 0

@@ -1,0 +1,410 @@
+"""The LightningDataModule: AnnData in, preprocessed and split, dict batches out."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from exprae.constants import (
+    TRUTH_KEY,
+    X_KEY,
+)
+from exprae.data.anndata_io import (
+    _all_zero,
+    _row_sums,
+    check_counts,
+    check_matrix,
+    read_h5ad,
+    read_h5ad_header,
+    select_matrix,
+)
+from exprae.data.backed import (
+    BackedCells,
+    BufferDataset,
+    BufferedBatchLoader,
+    BufferSampler,
+    buffer_cells,
+    read_obs,
+)
+from exprae.data.batching import CellBatchSampler, CellDataset, batch_loader
+from exprae.data.datasets import load_builtin
+from exprae.data.preprocessing import Preprocessing
+from exprae.data.split import split_cells
+from exprae.errors import ConfigError, DataError, MissingKeyError
+
+SPLITS = ("train", "val", "test")
+# Where the datamodule keeps a separate target (gene-subset, per split by slicing) and its per-cell scalars.
+TARGET_LAYER = "exprae_target"
+LIBRARY_OBS = "exprae_library_size"
+SIZE_FACTOR_OBS = "exprae_size_factor"
+
+
+# ---------------------------------------------------------------- the datamodule
+
+
+class ExpressionDataModule(pl.LightningDataModule):
+    """Loads an ``.h5ad`` (or a built-in dataset), preprocesses, splits by cells, and serves dict batches.
+
+    The preprocessing's learned state (genes kept, scaling statistics) is fitted on the training cells
+    only. ``contract()`` and ``split_table()`` describe the data for the run directory, so the model can
+    later be applied to new data exactly as it was trained.
+    """
+
+    def __init__(
+        self,
+        *,
+        dataset: str | None = "pbmc68k",
+        path: str | None = None,
+        layer: str | None = None,
+        target_layer: str | None = None,
+        count_target: bool = False,
+        preprocess: Preprocessing | dict | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        stratify_key: str | None = None,
+        label_key: str | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        synthetic: dict[str, Any] | None = None,
+        on_device: str | bool = "auto",
+        backed: bool = False,
+        chunk_size: int = 1024,
+        buffer_chunks: int = 8,
+    ) -> None:
+        super().__init__()
+        if (dataset is None) == (path is None):
+            raise ConfigError("set exactly one of data.dataset (a built-in name) and data.path (an .h5ad file)")
+        self.dataset, self.path, self.layer = dataset, path, layer
+        # target_layer: the matrix the loss is fitted to (X, raw or a layer); None: the input itself.
+        # count_target (set from the loss by exprae.train.build): the target is raw counts, not preprocessed.
+        self.target_layer, self.count_target = target_layer, bool(count_target)
+        if isinstance(preprocess, dict) or preprocess is None:
+            preprocess = Preprocessing(**(preprocess or {}))
+        self.preprocess = preprocess
+        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        self.stratify_key, self.label_key = stratify_key, label_key
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.synthetic = dict(synthetic or {})
+        from exprae.data.device import check_on_device
+
+        self.on_device = check_on_device(on_device)  # train/val batches made on the device: see device_data
+        self._resident: dict[tuple[str, str], Any] = {}  # (split, device) -> DeviceBatches, uploaded once
+        # data.backed: the matrix stays on disk and is streamed (exprae.data.backed); obs is still in memory.
+        self.backed, self.chunk_size, self.buffer_chunks = backed, chunk_size, buffer_chunks
+        self.backed_cells: BackedCells | None = None
+        self.adata: ad.AnnData | None = None  # preprocessed, all cells
+        self.splits: dict[str, np.ndarray] = {}
+        self.label_categories: list[str] | None = None
+
+    # -- loading
+
+    @property
+    def source(self) -> str:
+        return str(Path(self.path).expanduser()) if self.path is not None else f"builtin:{self.dataset}"
+
+    @property
+    def layer_name(self) -> str:
+        """The input matrix as messages name it: ``X``, ``raw`` or the layer."""
+        return "X" if self.layer in (None, "X") else self.layer
+
+    def load_raw(self) -> ad.AnnData:
+        """The AnnData as the user has it, before matrix selection and preprocessing."""
+        if self.path is not None:
+            return read_h5ad(self.path)
+        return load_builtin(self.dataset, **self.synthetic)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.adata is not None:
+            return
+        if self.backed:
+            self._setup_backed()
+            return
+        full = self.load_raw()
+        adata = select_matrix(full, self.layer)
+        what = f"{self.source} ({self.layer_name})"
+        if adata.n_obs == 0 or adata.n_vars == 0:
+            raise DataError(f"{what} is empty: {adata.n_obs} cells x {adata.n_vars} genes")
+        if not adata.var_names.is_unique:
+            dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
+            raise DataError(f"{what} has duplicated gene names, e.g. {dup}; run adata.var_names_make_unique()")
+        check_matrix(
+            adata.X,
+            obs_names=adata.obs_names,
+            var_names=adata.var_names,
+            nonnegative=self.preprocess.needs_nonnegative,
+            what=what,
+        )
+        empty = _all_zero(adata.X, axis=1)
+        if empty.any():
+            warnings.warn(
+                f"{what}: {int(empty.sum())} cells have all-zero profiles, e.g. {list(adata.obs_names[empty][:3])}; "
+                "their cosine is defined as 0, so the loss and metrics stay finite",
+                stacklevel=2,
+            )
+        silent = _all_zero(adata.X, axis=0)
+        if silent.any():
+            warnings.warn(
+                f"{what}: {int(silent.sum())} genes are zero in every cell, e.g. {list(adata.var_names[silent][:3])}; "
+                "they carry no signal (select genes with data.preprocess.n_top_genes or filter them out)",
+                stacklevel=2,
+            )
+        self._split(adata.obs, what)
+        processed = self.preprocess.per_cell(adata)
+        self.preprocess.fit(processed[self.splits["train"]])
+        self.adata = self.preprocess.transform(adata)
+        for col in full.var.columns.difference(self.adata.var.columns):
+            # Gene annotations (e.g. synthetic data's true_dispersion) follow the kept genes.
+            self.adata.var[col] = full.var[col].reindex(self.adata.var_names).to_numpy()
+        if self.count_target or self.target_layer is not None:
+            self._attach_target(full, adata)
+        if TRUTH_KEY in full.layers and self.layer_name == "X":
+            truth = ad.AnnData(X=full.layers[TRUTH_KEY], obs=adata.obs[[]], var=pd.DataFrame(index=adata.var_names))
+            self.adata.layers[TRUTH_KEY] = self.preprocess.transform(truth).X
+        if self.label_key is not None:
+            labels = pd.Categorical(self.adata.obs[self.label_key])
+            self.label_categories = [str(c) for c in labels.categories]
+
+    def _split(self, obs: pd.DataFrame, what: str) -> None:
+        """Check the obs keys and make the seeded train/val/test split."""
+        for key in (self.stratify_key, self.label_key):
+            if key is not None and key not in obs:
+                raise MissingKeyError(f"obs column {key!r} not found in {what}; available: {list(obs.columns)}")
+        self.splits = split_cells(
+            len(obs),
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            seed=self.split_seed,
+            stratify=None if self.stratify_key is None else obs[self.stratify_key].to_numpy(),
+        )
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ConfigError(
+                f"data.batch_size must be >= 1 and data.num_workers >= 0, got {self.batch_size} and {self.num_workers}"
+            )
+        if self.batch_size > len(self.splits["train"]):
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is larger than the {len(self.splits['train'])} training cells"
+            )
+
+    def _setup_backed(self) -> None:
+        """data.backed=true: obs in memory, matrix on disk; checks and preprocessing fit in one streaming pass."""
+        if self.path is None:
+            raise ConfigError("data.backed=true streams an .h5ad from disk: set data.path (and data.dataset=null)")
+        if self.count_target or self.target_layer is not None:
+            raise ConfigError(
+                "data.backed=true streams the input matrix only; count losses and data.target_layer need the "
+                "in-memory path (data.backed=false)"
+            )
+        if self.on_device is True:
+            raise ConfigError(
+                "data.on_device=true keeps the data on the GPU; it cannot be combined with data.backed=true"
+            )
+        read_h5ad_header(self.path)
+        cells = BackedCells(self.path, layer=self.layer, preprocess=self.preprocess, chunk_size=self.chunk_size)
+        obs = read_obs(self.path)
+        what = f"{self.source} ({cells.matrix.key})"
+        if len(obs) != cells.n_obs:
+            raise DataError(f"{what} has {cells.n_obs} rows but obs describes {len(obs)} cells")
+        if cells.n_obs == 0 or len(cells.var_names) == 0:
+            raise DataError(f"{what} is empty: {cells.n_obs} cells x {len(cells.var_names)} genes")
+        if not cells.var_names.is_unique:
+            dup = cells.var_names[cells.var_names.duplicated()].unique()[:5].tolist()
+            raise DataError(f"{what} has duplicated gene names, e.g. {dup}; run adata.var_names_make_unique()")
+        self._split(obs, what)
+        n_empty = 0
+
+        def check(x: Any, rows: np.ndarray) -> None:
+            nonlocal n_empty
+            check_matrix(
+                x,
+                obs_names=obs.index[rows],
+                var_names=cells.var_names,
+                nonnegative=self.preprocess.needs_nonnegative,
+                what=what,
+            )
+            n_empty += int(_all_zero(x, axis=1).sum())
+
+        cells.fit(self.splits["train"], check=check)
+        if n_empty:
+            warnings.warn(f"{what}: {n_empty} cells have all-zero profiles; their cosine is defined as 0", stacklevel=2)
+        self.backed_cells = cells
+        # Annotations only: X stays in the file, so n_obs/var_names/split_table/contract work as in memory.
+        self.adata = ad.AnnData(obs=obs, var=pd.DataFrame(index=self.preprocess.genes))
+        if self.label_key is not None:
+            self.label_categories = [str(c) for c in pd.Categorical(obs[self.label_key]).categories]
+
+    def _attach_target(self, full: ad.AnnData, selected: ad.AnnData) -> None:
+        """Keep the target for the kept genes: raw counts (count likelihoods) or preprocessed like the input."""
+        name = self.target_layer if self.target_layer is not None else self.layer_name
+        source = selected if self.target_layer in (None, self.layer) else select_matrix(full, self.target_layer)
+        what = f"data.target_layer={name!r} of {self.source}"
+        if self.target_layer is None:
+            what = f"the count target {name!r} of {self.source} (data.target_layer unset: the input's own matrix)"
+        genes = self.adata.var_names
+        missing = genes.difference(source.var_names)
+        if len(missing):
+            raise MissingKeyError(f"{what} lacks {len(missing)} of the input's genes, e.g. {list(missing[:5])}")
+        if not self.count_target:
+            check_matrix(
+                source.X,
+                obs_names=source.obs_names,
+                var_names=source.var_names,
+                nonnegative=self.preprocess.needs_nonnegative,
+                what=what,
+            )
+            self.adata.layers[TARGET_LAYER] = self.preprocess.transform(source).X
+            return
+        counts = source[:, genes].X
+        check_counts(counts, obs_names=source.obs_names, var_names=genes, what=what)
+        self.adata.layers[TARGET_LAYER] = counts
+        self.adata.obs[LIBRARY_OBS] = _row_sums(counts).astype(np.float32)
+        # The factor normalize_total applied to each cell's input, so expected counts can be mapped to the input.
+        size_factor = np.ones(selected.n_obs)
+        if self.preprocess.normalize_total is not None:
+            totals = _row_sums(selected.X)
+            size_factor = np.divide(
+                float(self.preprocess.normalize_total), totals, out=np.zeros_like(totals), where=totals > 0
+            )
+        self.adata.obs[SIZE_FACTOR_OBS] = size_factor.astype(np.float32)
+
+    # -- what the rest of exprae reads
+
+    @property
+    def n_genes(self) -> int:
+        self._require_setup()
+        return self.adata.n_vars
+
+    @property
+    def var_names(self) -> list[str]:
+        self._require_setup()
+        return list(self.adata.var_names)
+
+    def _require_setup(self) -> None:
+        if self.adata is None:
+            raise RuntimeError("ExpressionDataModule.setup() has not been called")
+
+    def split_dataset(self, split: str) -> CellDataset:
+        """The cells of one split as a :class:`CellDataset`."""
+        self._require_setup()
+        sub = self.adata[self.splits[split]]
+        labels = None
+        if self.label_key is not None:
+            labels = pd.Categorical(sub.obs[self.label_key], categories=self.label_categories).codes
+        obs = {key: sub.obs[key].to_numpy() for key in (LIBRARY_OBS, SIZE_FACTOR_OBS) if key in sub.obs}
+        return CellDataset(
+            sub.X,
+            target=sub.layers.get(TARGET_LAYER),
+            labels=labels,
+            truth=sub.layers.get(TRUTH_KEY),
+            library=obs.get(LIBRARY_OBS),
+            size_factor=obs.get(SIZE_FACTOR_OBS),
+        )
+
+    def train_chunks(self, chunk_size: int = 4096) -> Iterator[torch.Tensor]:
+        """Dense float32 chunks of the training cells, for fitting baselines and PCA initialisation."""
+        if self.backed_cells is not None:
+            # Streamed data: chunks no larger than a shuffle buffer, so this pass stays within the same memory.
+            buffer = buffer_cells(chunk_size=self.chunk_size, buffer_chunks=self.buffer_chunks, batch_size=1)
+            yield from self.backed_cells.dense_chunks(self.splits["train"], chunk_size=min(chunk_size, buffer))
+            return
+        data = self.split_dataset("train")
+        for start in range(0, len(data), chunk_size):
+            yield data[np.arange(start, min(start + chunk_size, len(data)))][X_KEY]
+
+    def _rank_info(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _loader(self, split: str, *, shuffle: bool, resident: bool = False) -> DataLoader | BufferedBatchLoader:
+        # Every split is sharded across DDP ranks; only training pads shards to equal length (see the sampler).
+        world, rank = self._rank_info()
+        if self.backed_cells is not None:
+            return self._backed_loader(split, shuffle=shuffle, world=world, rank=rank)
+        data = self.split_dataset(split)
+        sampler = CellBatchSampler(
+            len(data),
+            self.batch_size,
+            shuffle=shuffle,
+            seed=self.split_seed,
+            num_replicas=world,
+            rank=rank,
+            pad=shuffle,
+        )
+        if resident:
+            from exprae.data.device import DeviceBatches, resident_nbytes, use_device_path
+
+            trainer = getattr(self, "trainer", None)
+            device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+            if use_device_path(self.on_device, device=device, nbytes=resident_nbytes(data)):
+                key = (split, str(device))
+                if key not in self._resident:
+                    self._resident[key] = DeviceBatches.from_dataset(data, sampler=sampler, device=device)
+                self._resident[key].sampler = sampler
+                return self._resident[key]
+        return batch_loader(data, sampler, num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def _backed_loader(self, split: str, *, shuffle: bool, world: int, rank: int) -> BufferedBatchLoader:
+        rows = self.splits[split]
+        codes = None
+        if self.label_key is not None:
+            codes = pd.Categorical(self.adata.obs[self.label_key], categories=self.label_categories).codes
+        sampler = BufferSampler(
+            rows,
+            chunk_size=self.chunk_size,
+            buffer_size=buffer_cells(
+                chunk_size=self.chunk_size, buffer_chunks=self.buffer_chunks, batch_size=self.batch_size
+            ),
+            shuffle=shuffle,
+            seed=self.split_seed,
+            num_replicas=world,
+            rank=rank,
+            pad=shuffle,
+        )
+        dataset = BufferDataset(self.backed_cells, split_rows=rows, label_codes=codes)
+        return BufferedBatchLoader(
+            dataset, sampler, batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True, resident=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False, resident=True)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    # -- what the run directory records
+
+    def contract(self) -> dict[str, Any]:
+        """Plain-data description of the input a trained model expects (genes, matrix, preprocessing)."""
+        self._require_setup()
+        return {
+            "source": self.source,
+            "layer": self.layer,
+            "target_layer": self.target_layer,
+            "count_target": self.count_target,
+            "n_genes": self.n_genes,
+            "var_names": self.var_names,
+            "preprocess": self.preprocess.to_dict(),
+            "label_key": self.label_key,
+            "label_categories": self.label_categories,
+        }
+
+    def split_table(self) -> pd.DataFrame:
+        """One row per cell: its name and which split it is in."""
+        self._require_setup()
+        split = np.empty(self.adata.n_obs, dtype=object)
+        for name, idx in self.splits.items():
+            split[idx] = name
+        return pd.DataFrame({"obs_name": self.adata.obs_names, "split": split})

@@ -1,0 +1,473 @@
+"""Apply a trained run to cells: ``exprae.load`` a run directory, ``exprae.embed`` an AnnData (scanpy style).
+
+Loading never executes code from the run: the config and the data contract are plain YAML/JSON, only
+``exprae.*`` and ``torch.*`` targets are instantiated from the config, and the weights are read with
+``torch.load(weights_only=True)``, which refuses a pickle that would run code.
+
+The model works in its *preprocessed gene space*: the contract's genes (the highly variable subset when the
+run used ``n_top_genes``), after the run's normalisation, log and scaling. ``embed`` therefore writes
+
+* ``obsm["X_{key}"]``: the latent code of every cell;
+* ``layers["{key}_recon"]``: the reconstruction, in the preprocessed space (not counts), in the AnnData's
+  gene order; genes the model does not reconstruct (outside its gene list) are NaN, so a value is never
+  mistaken for a prediction;
+* ``obs["{key}_cosine"]``, ``obs["{key}_mse"]``: per-cell agreement of reconstruction and preprocessed input;
+* ``var["{key}_gene_r"]``: per-gene Pearson r across cells (NaN outside the model's genes or for a gene
+  constant in these cells);
+* ``uns["{key}"]``: the settings, model and gene bookkeeping.
+
+``ExpraeModel.transform`` returns the preprocessed input itself, the "true" side of every comparison.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from exprae.data import check_matrix, select_matrix
+from exprae.data.preprocessing import Preprocessing
+from exprae.nn import AutoEncoder
+from exprae.nn.baselines import Baselines
+from exprae.runs import rundir
+from exprae.scoring.metrics import per_cell_metrics
+
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_NAMES = ("best.ckpt", "last.ckpt")  # tried in this order for a run directory
+ALLOWED_TARGETS = ("exprae.", "torch.")  # module prefixes a saved config may instantiate
+_SHOWN = 20  # gene names quoted in a message
+
+
+class GeneMismatchError(ValueError):
+    """The data lacks genes the model was trained on."""
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint holds more than tensors and plain data, so loading it could execute code."""
+
+
+# ---------------------------------------------------------------- the loaded model
+
+
+class ExpraeModel:
+    """A trained autoencoder and everything needed to apply it: network, baselines, preprocessing, genes."""
+
+    def __init__(
+        self,
+        *,
+        net: AutoEncoder,
+        baselines: Baselines,
+        preprocess: Preprocessing,
+        layer: str | None,
+        run_dir: Path,
+        checkpoint: Path,
+        loss: str,
+    ) -> None:
+        if preprocess.genes is None or len(preprocess.genes) != net.n_genes:
+            raise ValueError(
+                f"the data contract lists {0 if preprocess.genes is None else len(preprocess.genes)} genes but the "
+                f"network expects {net.n_genes}"
+            )
+        self.net = net.eval()
+        self.baselines = baselines.eval()
+        self.preprocess = preprocess
+        self.layer = layer
+        self.run_dir = run_dir
+        self.checkpoint = checkpoint
+        self.loss = loss
+
+    @property
+    def var_names(self) -> list[str]:
+        """The genes the network reads and reconstructs, in its order."""
+        return list(self.preprocess.genes)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.net.latent_dim
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device: str | torch.device) -> ExpraeModel:
+        """Move the network and baselines to ``device`` (in place; returns self)."""
+        self.net.to(device)
+        self.baselines.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"ExpraeModel(loss={self.loss}, genes={self.net.n_genes}, latent_dim={self.latent_dim}, "
+            f"checkpoint={str(self.checkpoint)!r}, device={self.device})"
+        )
+
+    def transform(
+        self, adata: ad.AnnData, *, layer: str | None = None, allow_missing_genes: bool = False
+    ) -> ad.AnnData:
+        """The network's input for ``adata``: the saved preprocessing applied, genes in the model's order.
+
+        Whole matrix in memory; :func:`embed` does the same per batch.
+        """
+        source = _InputMatrix.from_adata(self, adata, layer=layer, allow_missing_genes=allow_missing_genes)
+        out = source.preprocessed(np.arange(adata.n_obs))
+        out.obs = adata.obs.copy()
+        return out
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------- load
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """``(run_dir, checkpoint)`` for a run directory (best, else last checkpoint) or a checkpoint file."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: pass a run directory or a .ckpt file inside one")
+    if path.is_dir():
+        run_dir = path
+        for name in CHECKPOINT_NAMES:
+            if (path / CHECKPOINT_DIR / name).is_file():
+                return run_dir, path / CHECKPOINT_DIR / name
+        found = (
+            sorted(p.name for p in (path / CHECKPOINT_DIR).glob("*.ckpt")) if (path / CHECKPOINT_DIR).is_dir() else []
+        )
+        raise FileNotFoundError(
+            f"no checkpoint in {path / CHECKPOINT_DIR} (looked for {', '.join(CHECKPOINT_NAMES)}; found "
+            f"{found or 'none'}); was the run trained with callbacks=none?"
+        )
+    run_dir = path.parent.parent if path.parent.name == CHECKPOINT_DIR else path.parent
+    return run_dir, path
+
+
+def _check_targets(node: Any, where: str) -> None:
+    """Refuse any ``_target_`` outside exprae and torch, so a saved config cannot run arbitrary code."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None and not str(target).startswith(ALLOWED_TARGETS):
+            raise UnsafeCheckpointError(
+                f"{where}._target_={target!r} is not an exprae or torch class; exprae.load only instantiates "
+                f"targets starting with {ALLOWED_TARGETS}"
+            )
+        for key, value in node.items():
+            _check_targets(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_targets(value, f"{where}[{i}]")
+
+
+def _read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's composed config as plain data (YAML, safe loader), with the model section resolved."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / rundir.CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {run_dir} is not an exprae run directory (no saved config)")
+    cfg = OmegaConf.load(path)
+    if "model" not in cfg:
+        raise ValueError(f"{path} has no 'model' section; it was not written by exprae-train")
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    loss = OmegaConf.to_container(cfg.loss, resolve=False) if "loss" in cfg else {}
+    return {"model": model, "loss": loss}
+
+
+def _read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights, read with ``weights_only=True``: a pickle that would run code is refused."""
+    import pickle
+
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"refusing to load {checkpoint}: it contains Python objects other than tensors and plain data, which "
+            f"could execute code when unpickled (torch.load(weights_only=True) said: {str(e).splitlines()[0]}). "
+            "Only load checkpoints written by exprae-train from a source you trust."
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{checkpoint} could not be read as a PyTorch checkpoint (truncated or corrupt?): {e}") from e
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{checkpoint} has no 'state_dict': not a Lightning checkpoint written by exprae-train")
+    return state
+
+
+def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def load(path: str | Path, *, device: str | torch.device = "auto") -> ExpraeModel:
+    """Load a trained model from a run directory (best checkpoint, else last) or a ``.ckpt`` inside one."""
+    run_dir, checkpoint = resolve_checkpoint(path)
+    contract = rundir.read_json(run_dir / rundir.CONTRACT_FILE)
+    preprocess = Preprocessing.from_dict(contract["preprocess"])
+    if preprocess.genes is None:
+        preprocess.genes = list(contract["var_names"])
+    if list(preprocess.genes) != list(contract["var_names"]):
+        raise ValueError(f"{run_dir / rundir.CONTRACT_FILE}: var_names and preprocess.genes disagree")
+
+    config = _read_run_config(run_dir)
+    _check_targets(config["model"], "model")
+    model_cfg = {k: v for k, v in config["model"].items() if k not in ("_target_", "n_genes")}
+    target = config["model"].get("_target_", "exprae.nn.AutoEncoder")
+    if target != "exprae.nn.AutoEncoder":
+        raise ValueError(f"exprae.load knows how to rebuild exprae.nn.AutoEncoder, not {target!r}")
+    net = AutoEncoder(len(preprocess.genes), **model_cfg)
+    baselines = Baselines(net.n_genes, net.latent_dim)
+
+    state = _read_state_dict(checkpoint)
+    if any(k.startswith(("net.count_head.", "input_view.")) for k in state):
+        raise ValueError(
+            f"{checkpoint} was trained with a count likelihood ({config['loss'].get('_target_')}); exprae.load and "
+            "exprae.embed apply models trained with mse/cosine/mixed/pearson losses only, for now"
+        )
+    mismatch = (
+        f"{checkpoint} does not match the network described by {run_dir / rundir.CONFIG_FILE} (trained by "
+        "another exprae version, or the config edited after training?)"
+    )
+    for name, part in (("net.", net), ("baselines.", baselines)):
+        try:
+            result = part.load_state_dict(_sub_state(state, name), strict=False)
+        except RuntimeError as e:  # a tensor of another shape, e.g. model.latent_dim changed in the config
+            sizes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line][:3]
+            raise ValueError(f"{mismatch}: {'; '.join(sizes) or e}") from e
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(
+                f"{mismatch}: missing {[name + k for k in result.missing_keys][:5]}, "
+                f"unexpected {[name + k for k in result.unexpected_keys][:5]}"
+            )
+    loss = str(config["loss"].get("_target_", "unknown")).rsplit(".", 1)[-1]
+    model = ExpraeModel(
+        net=net,
+        baselines=baselines,
+        preprocess=preprocess,
+        layer=contract.get("layer"),
+        run_dir=run_dir,
+        checkpoint=checkpoint,
+        loss=loss,
+    )
+    return model.to(_resolve_device(device))
+
+
+# ---------------------------------------------------------------- aligning new data
+
+
+class _InputMatrix:
+    """The chosen matrix of new data, its gene alignment to the model, and per-row-block preprocessing."""
+
+    def __init__(
+        self,
+        model: ExpraeModel,
+        x: np.ndarray | sp.spmatrix,
+        *,
+        obs_names: pd.Index,
+        var_names: pd.Index,
+        layer: str,
+        allow_missing_genes: bool,
+    ) -> None:
+        if not var_names.is_unique:
+            dup = var_names[var_names.duplicated()].unique()[:5].tolist()
+            raise ValueError(f"the data has duplicated gene names, e.g. {dup}; run adata.var_names_make_unique()")
+        genes = pd.Index(model.var_names)
+        self.missing = [str(g) for g in genes[~genes.isin(var_names)]]
+        if self.missing and not allow_missing_genes:
+            raise GeneMismatchError(
+                f"{len(self.missing)} of the {len(genes)} genes the model was trained on are missing from the data "
+                f"({layer}): {', '.join(self.missing[:_SHOWN])}{', ...' if len(self.missing) > _SHOWN else ''}. "
+                "Use data with the same gene names (e.g. the same annotation), or pass allow_missing_genes=True "
+                "to fill them with zeros (a warning says how many)."
+            )
+        if self.missing:
+            warnings.warn(
+                f"{len(self.missing)} of the model's {len(genes)} genes are missing from the data and were filled "
+                f"with zeros (first: {', '.join(self.missing[:5])}); per-cell metrics use the {len(genes) - len(self.missing)} "
+                "genes present, but latents and reconstructions of these cells are less reliable",
+                UserWarning,
+                stacklevel=4,  # the user's embed()/transform() call
+            )
+        self.present_g = ~genes.isin(self.missing)
+        # normalize_total sums over every gene of the data, so its NaNs matter even outside the model's genes.
+        if model.preprocess.normalize_total is not None:
+            used = np.arange(len(var_names))
+        else:
+            used = var_names.get_indexer(genes[self.present_g])
+        x = sp.csr_matrix(x) if sp.issparse(x) and x.format != "csr" else x  # row blocks are cheap from CSR
+        check_matrix(
+            x[:, used] if len(used) < len(var_names) else x,
+            obs_names=obs_names,
+            var_names=var_names[used],
+            nonnegative=model.preprocess.needs_nonnegative,
+            what=f"data ({layer})",
+        )
+        self.model, self.x, self.obs_names, self.var_names, self.layer = model, x, obs_names, var_names, layer
+
+    @classmethod
+    def from_adata(
+        cls, model: ExpraeModel, adata: ad.AnnData, *, layer: str | None, allow_missing_genes: bool
+    ) -> _InputMatrix:
+        """Select the matrix (``layer=None``: the one the model was trained on) and check it."""
+        layer = model.layer if layer is None else layer
+        selected = select_matrix(adata, layer)
+        return cls(
+            model,
+            selected.X,
+            obs_names=adata.obs_names,
+            var_names=selected.var_names,
+            layer="X" if layer in (None, "X") else layer,
+            allow_missing_genes=allow_missing_genes,
+        )
+
+    def preprocessed(self, rows: np.ndarray) -> ad.AnnData:
+        """Rows ``rows`` with missing genes zero-filled (before preprocessing, as unmeasured counts) and the
+        saved preprocessing applied; the result's genes are the model's, in its order."""
+        block = self.x[rows]
+        block = block.astype(np.float32) if sp.issparse(block) else np.asarray(block, dtype=np.float32)
+        var_names = self.var_names
+        if self.missing:
+            zeros = np.zeros((block.shape[0], len(self.missing)), dtype=np.float32)
+            block = (
+                sp.hstack([block, sp.csr_matrix(zeros)], format="csr")
+                if sp.issparse(block)
+                else np.hstack([block, zeros])
+            )
+            var_names = var_names.append(pd.Index(self.missing))
+        chunk = ad.AnnData(X=block, obs=pd.DataFrame(index=self.obs_names[rows]), var=pd.DataFrame(index=var_names))
+        return self.model.preprocess.transform(chunk)
+
+
+def _row_blocks(n: int, batch_size: int) -> Iterator[np.ndarray]:
+    for start in range(0, n, batch_size):
+        yield np.arange(start, min(start + batch_size, n))
+
+
+class _GeneCorrelation:
+    """Per-gene Pearson r between two matrices, accumulated over row blocks in float64."""
+
+    def __init__(self, n_genes: int, device: torch.device) -> None:
+        self.n = 0
+        self.sums = torch.zeros(5, n_genes, dtype=torch.float64, device=device)  # x, y, xx, yy, xy
+
+    def update(self, x_ng: torch.Tensor, y_ng: torch.Tensor) -> None:
+        x, y = x_ng.double(), y_ng.double()
+        self.n += x.shape[0]
+        self.sums += torch.stack([x.sum(0), y.sum(0), (x * x).sum(0), (y * y).sum(0), (x * y).sum(0)])
+
+    def compute(self) -> np.ndarray:
+        sx, sy, sxx, syy, sxy = (self.sums / max(self.n, 1)).unbind(0)
+        cov = sxy - sx * sy
+        var_x, var_y = (sxx - sx * sx).clamp_min(0), (syy - sy * sy).clamp_min(0)
+        denom = (var_x * var_y).sqrt()
+        # A gene constant across these cells has no correlation to speak of: NaN, not 0.
+        tiny = 1e-12 * (sxx * syy).sqrt().clamp_min(1e-300)
+        r = torch.where(denom > tiny, cov / denom.clamp_min(1e-300), torch.full_like(cov, float("nan")))
+        return r.clamp(-1, 1).cpu().numpy()
+
+
+# ---------------------------------------------------------------- embed
+
+
+def embed(
+    model: ExpraeModel,
+    adata: ad.AnnData,
+    *,
+    layer: str | None = None,
+    key_added: str = "exprae",
+    batch_size: int = 1024,
+    allow_missing_genes: bool = False,
+    baselines: bool = False,
+    copy: bool = False,
+) -> ad.AnnData:
+    """Encode and reconstruct every cell of ``adata``; write the results where scanpy users look.
+
+    ``layer=None`` reads the matrix the model was trained on (its contract's layer); genes are matched by
+    name, so their order does not matter. ``baselines=True`` also writes the per-cell cosine of the mean-profile
+    and PCA baselines (``obs["{key}_meanprofile_cosine"]``, ``obs["{key}_pca_cosine"]``). Returns ``adata``
+    (modified in place) or, with ``copy=True``, a modified copy.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if not key_added or not isinstance(key_added, str):
+        raise ValueError(f"key_added must be a non-empty string, got {key_added!r}")
+    adata = adata.copy() if copy else adata
+    source = _InputMatrix.from_adata(model, adata, layer=layer, allow_missing_genes=allow_missing_genes)
+    device = model.device
+    present_g = torch.as_tensor(source.present_g, device=device)
+    genes = pd.Index(model.var_names)
+    # Where each model gene goes in adata's own gene order (-1: not one of adata's genes, e.g. a raw-only gene).
+    dest = adata.var_names.get_indexer(genes)
+    written = (dest >= 0) & source.present_g
+
+    z_nk = np.empty((adata.n_obs, model.latent_dim), dtype=np.float32)
+    recon = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+    cell = {name: np.empty(adata.n_obs, dtype=np.float32) for name in ("cosine", "mse")}
+    if baselines:
+        cell.update({name: np.empty(adata.n_obs, dtype=np.float32) for name in ("meanprofile_cosine", "pca_cosine")})
+    gene_r = _GeneCorrelation(int(present_g.sum()), device)
+
+    with torch.inference_mode():
+        for rows in _row_blocks(adata.n_obs, batch_size):
+            x = source.preprocessed(rows).X
+            x_ng = torch.from_numpy(x.toarray() if sp.issparse(x) else np.ascontiguousarray(x)).to(device)
+            out = model.net(x_ng)
+            recon_ng = out["recon"].float()
+            scores = per_cell_metrics(recon_ng[:, present_g], x_ng[:, present_g])
+            cell["cosine"][rows] = scores["cosine"].cpu().numpy()
+            cell["mse"][rows] = scores["mse"].cpu().numpy()
+            if baselines:
+                for who, base_ng in model.baselines(x_ng).items():
+                    name = "meanprofile_cosine" if who == "mean" else f"{who}_cosine"
+                    cell[name][rows] = (
+                        per_cell_metrics(base_ng[:, present_g], x_ng[:, present_g])["cosine"].cpu().numpy()
+                    )
+            gene_r.update(x_ng[:, present_g], recon_ng[:, present_g])
+            z_nk[rows] = out["z"].float().cpu().numpy()
+            recon[np.ix_(rows, dest[written])] = recon_ng[:, torch.as_tensor(written, device=device)].cpu().numpy()
+
+    r_model = np.full(len(genes), np.nan, dtype=np.float32)
+    r_model[source.present_g] = gene_r.compute()
+    r_var = np.full(adata.n_vars, np.nan, dtype=np.float32)
+    r_var[dest[dest >= 0]] = r_model[dest >= 0]
+
+    adata.obsm[f"X_{key_added}"] = z_nk
+    adata.layers[f"{key_added}_recon"] = recon
+    for name, values in cell.items():
+        adata.obs[f"{key_added}_{name}"] = values
+    adata.var[f"{key_added}_gene_r"] = r_var
+    adata.uns[key_added] = _settings(model, source, key_added=key_added, batch_size=batch_size, baselines=baselines)
+    return adata
+
+
+def _settings(
+    model: ExpraeModel, source: _InputMatrix, *, key_added: str, batch_size: int, baselines: bool
+) -> dict[str, Any]:
+    """What ``uns[key_added]`` records: the model, the matrix and genes used, and where results went."""
+    preprocess = {k: v for k, v in model.preprocess.settings().items() if v is not None}
+    return {
+        "run_dir": str(model.run_dir),
+        "checkpoint": str(model.checkpoint),
+        "loss": model.loss,
+        "latent_dim": model.latent_dim,
+        "layer": source.layer,
+        "n_model_genes": len(model.var_names),
+        "n_missing_genes": len(source.missing),
+        "missing_genes": list(source.missing),
+        "preprocess": preprocess,
+        "batch_size": batch_size,
+        "baselines": baselines,
+        "keys": {
+            "obsm": f"X_{key_added}",
+            "layer": f"{key_added}_recon",
+            "obs": [f"{key_added}_cosine", f"{key_added}_mse"],
+            "var": f"{key_added}_gene_r",
+        },
+    }

@@ -1,0 +1,6 @@
+"""Training: the LightningModule, its low-overhead step, callbacks, hyperparameter records and config checks."""
+
+from exprae.training.callbacks import BatchSeed, DivergenceGuard, ReconstructionFigures
+from exprae.training.module import AutoencoderModule
+
+__all__ = ["AutoencoderModule", "BatchSeed", "DivergenceGuard", "ReconstructionFigures"]

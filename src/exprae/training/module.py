@@ -1,0 +1,350 @@
+"""The LightningModule: trains the network with the configured loss, scores it and the baselines per cell."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from exprae.constants import (
+    EXTRA_SCORES,
+    INDEX_KEY,
+    LABEL_KEY,
+    LIBRARY_KEY,
+    SIZE_FACTOR_KEY,
+    TARGET_KEY,
+    TRUTH_KEY,
+    X_KEY,
+)
+from exprae.errors import ConfigError
+from exprae.losses import CountNLL, ReconstructionLoss, cosine_similarity, reduce_per_cell
+from exprae.nn import AutoEncoder
+from exprae.nn.baselines import Baselines
+from exprae.nn.count_head import InputView, count_parameters, expected_counts
+from exprae.scoring.masking import hidden_entries
+from exprae.scoring.metrics import ReconstructionMetrics, knn_label_accuracy
+from exprae.training.fast_step import (
+    TrainStep,
+    build_optimizer,
+    check_compile_mode,
+    count_optimizer_step,
+    step_epoch_schedulers,
+)
+
+log = logging.getLogger(__name__)
+
+EVAL_STAGES = ("val", "test")
+SCORED = ("model", "mean", "pca")  # the model and the two baselines, scored on the same cells
+
+
+class AutoencoderModule(pl.LightningModule):
+    """Owns the loss, the optimizer and the metrics; the network itself is a plain ``nn.Module``.
+
+    Logged keys: ``train/loss`` every ``log_every_n_steps``; each validation epoch ``val/{loss, mse, cosine,
+    pearson, cosine_median, cosine_p10}`` for the model and ``baseline/{mean,pca}/val/...`` for the
+    baselines; the same under ``test/`` after testing.
+
+    With a count likelihood (:class:`exprae.losses.CountNLL`) the loss is fitted to raw counts, but cosine,
+    Pearson and MSE compare the model's expected counts mapped into the input representation (normalised,
+    log1p'd and scaled like the input) with the input itself, so they are comparable with every other loss;
+    ``val/nll`` is the held-out negative log-likelihood per cell, and on data with a known per-gene dispersion
+    (``var["true_dispersion"]``) ``{stage}/dispersion_pearson`` and ``dispersion_spearman`` score the learned
+    per-gene dispersions (on the log scale).
+
+    When batches carry the noise-free truth (synthetic ``true_mean``) every scored reconstruction also gets
+    ``{cosine,pearson,mse,...}_to_truth`` against it; with ``mask_fraction > 0`` also
+    ``masked_{cosine,pearson,mse,...}`` on entries hidden from the encoder (:mod:`exprae.scoring.masking`).
+
+    With an auxiliary latent loss (``aux_loss(z_nk, labels_n)``, e.g. :class:`~exprae.losses.OnlineTripletCosineLoss`)
+    the training loss is ``recon + aux_weight · aux``, and ``train/recon`` and ``train/aux`` are logged too.
+    When batches carry labels, ``{val,test}/knn_accuracy`` is the leave-one-out kNN label accuracy of the
+    latent codes (cosine, ``knn_k`` neighbours) within the stage's cells. Under DDP the validation and test
+    cells are sharded across ranks, so each rank finds neighbours within its own shard and the logged value is
+    the mean over ranks: an approximation of the single-process value (exact with one process).
+    """
+
+    def __init__(
+        self,
+        net: AutoEncoder,
+        loss: ReconstructionLoss,
+        *,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        scheduler_monitor: str = "val/loss",
+        baselines: bool = True,
+        aux_loss: nn.Module | None = None,
+        aux_weight: float = 1.0,
+        knn_k: int = 15,
+        compile: str = "none",
+        mask_fraction: float = 0.0,
+        mask_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.scheduler_monitor = scheduler_monitor
+        self.with_baselines = baselines
+        if not 0.0 <= float(mask_fraction) < 1.0:
+            raise ConfigError(f"module.mask_fraction must lie in [0, 1), got {mask_fraction}")
+        self.mask_fraction, self.mask_seed = float(mask_fraction), int(mask_seed)
+        self.aux_loss, self.aux_weight, self.knn_k = aux_loss, float(aux_weight), knn_k
+        self._latents: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {stage: [] for stage in EVAL_STAGES}
+        self.count_loss = isinstance(loss, CountNLL)
+        if self.count_loss and getattr(net, "count_head", None) is None:
+            raise ValueError(
+                f"{type(loss).__name__} is a count likelihood: build the network with its output head, "
+                "AutoEncoder(..., count_head=loss.head) (exprae.train.build does this)"
+            )
+        if self.count_loss and net.count_head.spec != loss.head:
+            raise ValueError(f"the network's count head {net.count_head.spec} differs from the loss's {loss.head}")
+        # Maps expected counts into the input representation; buffers, so it travels with the checkpoint.
+        self.input_view = InputView(net.n_genes) if self.count_loss else None
+        # none | model (torch.compile) | graph (whole step in a CUDA graph, manual optimization): see fast_step.
+        self.compile_mode = check_compile_mode(compile)
+        self.automatic_optimization = self.compile_mode != "graph"
+        self._train_step: TrainStep | None = None
+        # Baselines are needed for the PCA start even when they are not reported.
+        self.baselines = Baselines(net.n_genes, net.latent_dim)
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_{who}{suffix}": ReconstructionMetrics()
+                for stage in EVAL_STAGES
+                for who in SCORED
+                for suffix in ("", *(f"_{extra}" for extra in EXTRA_SCORES))
+            }
+        )
+
+    # ------------------------------------------------------------------ set-up
+
+    def setup(self, stage: str) -> None:
+        """Fit the baselines on the training cells (and start the network at PCA) before the first fit."""
+        if stage == "fit" and not bool(self.baselines.fitted):
+            self.prepare_start(self.trainer.datamodule)
+
+    def start_at_pca(self) -> None:
+        """Set the network's linear path (and residual units) from the fitted PCA baseline."""
+        b = self.baselines
+        self.net.init_from_pca(b.mean_g, b.components_kg, variance_g=b.variance_g)
+
+    def prepare_start(self, datamodule: Any) -> None:
+        """Fit the baselines on the training cells; with ``init="pca"`` the network then starts at PCA."""
+        self.baselines.fit(datamodule.train_chunks())
+        if self.net.init == "pca":
+            self.start_at_pca()
+        if self.count_loss:
+            self.input_view.fit(datamodule.preprocess)
+            library_n = datamodule.split_dataset("train").per_cell[LIBRARY_KEY]
+            self.net.count_head.init_library(library_n.clamp_min(1.0).log().mean())
+
+    def configure_optimizers(self) -> Any:
+        graph = self.compile_mode == "graph"
+        if graph and self._trainer is not None:  # train.py also calls this before fitting, to check the settings
+            self._check_graph_supported()
+        optimizer = build_optimizer(
+            self.optimizer_factory,
+            self.parameters(),
+            device=self.device,
+            capturable=graph and self.device.type == "cuda",
+        )
+        if self.compile_mode == "model":
+            self.net.compile()  # compiles forward in place; parameter names (checkpoints) are unchanged
+        self._train_step = None  # a new optimizer needs a new capture
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": self.scheduler_monitor, "interval": "epoch"},
+        }
+
+    # ------------------------------------------------------------------ steps
+
+    def forward(self, x_ng: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(x_ng)
+
+    def loss_per_cell(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The configured loss of each cell in the batch."""
+        if self.count_loss:
+            return self.loss.per_cell(count_parameters(out, batch), batch[TARGET_KEY])
+        return self.loss.per_cell(out["recon"], batch[TARGET_KEY])
+
+    def reconstruct(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The reconstruction in the representation metrics use: the input's, for count likelihoods too."""
+        if not self.count_loss:
+            return out["recon"]
+        return self.input_view(expected_counts(count_parameters(out, batch)), batch.get(SIZE_FACTOR_KEY))
+
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str, *, log_loss: bool = True) -> torch.Tensor:
+        out = self(batch[X_KEY])
+        loss_n = self.loss_per_cell(out, batch)
+        loss = reduce_per_cell(loss_n, None, self.loss.reduction)
+        if stage == "train":
+            if self.aux_loss is not None:
+                loss = self._add_aux(loss, out["z"], batch, log_terms=log_loss)
+            if log_loss:
+                self._log_train_loss(loss, len(loss_n))
+            return loss
+        if LABEL_KEY in batch:
+            self._latents[stage].append((out["z"].detach().float(), batch[LABEL_KEY]))
+        target = self._eval_target(batch)
+        recons = {"model": self.reconstruct(out, batch)}
+        self.metrics[f"{stage}_model"].update(recons["model"], target, loss_n)
+        if self.with_baselines:
+            for who, recon in self.baselines(batch[X_KEY].float()).items():
+                baseline_loss_n = None if self.count_loss else self.loss.per_cell(recon, target)
+                self.metrics[f"{stage}_{who}"].update(recon, target, baseline_loss_n)
+                recons[who] = recon
+        if TRUTH_KEY in batch:
+            for who, recon in recons.items():
+                self.metrics[f"{stage}_{who}_truth"].update(recon, batch[TRUTH_KEY])
+        if self.mask_fraction > 0:
+            self._score_masked(batch, stage)
+        return loss
+
+    def _eval_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Count likelihoods fit raw counts; their metrics (and the baselines') are taken in the input's space.
+        return batch[X_KEY] if self.count_loss else batch[TARGET_KEY]
+
+    def _score_masked(self, batch: dict[str, torch.Tensor], stage: str) -> None:
+        """Hide entries of the input, reconstruct, and score the model and baselines on the hidden ones."""
+        x_ng = batch[X_KEY]
+        hidden_ng = hidden_entries(
+            x_ng, batch[INDEX_KEY], fraction=self.mask_fraction, seed=self.mask_seed, stream=stage
+        )
+        x_masked_ng = x_ng.masked_fill(hidden_ng, 0.0)
+        recons = {"model": self.reconstruct(self(x_masked_ng), batch)}
+        if self.with_baselines:
+            recons.update(self.baselines(x_masked_ng.float()))
+        target = self._eval_target(batch)
+        for who, recon in recons.items():
+            self.metrics[f"{stage}_{who}_masked"].update(recon, target, mask_ng=hidden_ng)
+
+    def _add_aux(
+        self, recon: torch.Tensor, z_nk: torch.Tensor, batch: dict[str, torch.Tensor], *, log_terms: bool = True
+    ) -> torch.Tensor:
+        """Log the reconstruction and auxiliary terms; return ``recon + aux_weight · aux``."""
+        if LABEL_KEY not in batch:
+            raise KeyError("the auxiliary latent loss needs labels: set aux.label_key=<obs column>")
+        aux = self.aux_loss(z_nk, batch[LABEL_KEY])
+        if log_terms:  # not from inside a captured CUDA graph (module.compile=graph), which cannot log
+            self.log("train/recon", recon, on_step=False, on_epoch=True, batch_size=len(z_nk))
+            self.log("train/aux", aux, on_step=False, on_epoch=True, batch_size=len(z_nk))
+        return recon + self.aux_weight * aux
+
+    def _log_train_loss(self, loss: torch.Tensor, n_cells: int) -> None:
+        # Logged every step but read back to the host only every log_every_n_steps. On CUDA it stays off the
+        # progress bar, which would read it back (a sync that stalls the kernel queue) every step.
+        on_bar = self.device.type != "cuda"
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=on_bar, batch_size=n_cells)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if self.automatic_optimization:
+            return self._shared_step(batch, "train")
+        if self._train_step is None:
+            self._train_step = TrainStep(
+                lambda b: self._shared_step(b, "train", log_loss=False),
+                self.optimizers().optimizer,
+                graph=True,
+                backward=self.manual_backward,
+            )
+            if self.device.type != "cuda":
+                log.info("module.compile=graph: CUDA graphs need a CUDA device; running the same step eagerly")
+        loss = self._train_step(batch)
+        count_optimizer_step(self.trainer)
+        self._log_train_loss(loss, batch[X_KEY].shape[0])
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        if not self.automatic_optimization:
+            step_epoch_schedulers(self.lr_schedulers(), self.trainer.callback_metrics, monitor=self.scheduler_monitor)
+
+    def _check_graph_supported(self) -> None:
+        trainer = self.trainer
+        if trainer.world_size > 1:
+            raise ValueError(
+                "module.compile=graph captures a single-device step; with several devices use compile=none or model"
+            )
+        if str(trainer.precision).startswith("16"):
+            raise ValueError(
+                f"module.compile=graph does not support precision={trainer.precision} (its grad scaler checks for "
+                "infs on the host every step); use bf16-mixed or 32-true"
+            )
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        out = self(batch[X_KEY])
+        result = {"z": out["z"].float(), "recon": self.reconstruct(out, batch).float()}
+        if self.count_loss:
+            result["expected_counts"] = expected_counts(count_parameters(out, batch)).float()
+        return result
+
+    # ------------------------------------------------------------------ epoch ends
+
+    def _log_eval(self, stage: str) -> None:
+        for who in SCORED if self.with_baselines else ("model",):
+            metric = self.metrics[f"{stage}_{who}"]
+            prefix = f"{stage}/" if who == "model" else f"baseline/{who}/{stage}/"
+            # Values are already exact global means (torchmetrics syncs sums), identical on every rank; a "max"
+            # sync keeps them bit-exact (a "mean" would re-round) and tells Lightning they are synced.
+            values = metric.compute()
+            if who == "model" and self.count_loss and "loss" in values:
+                values["nll"] = values["loss"]  # the held-out NLL per cell, named for tables across losses
+            if who == "model":
+                values.update(self._dispersion_agreement())
+            for extra, pattern in EXTRA_SCORES.items():
+                scored = self.metrics[f"{stage}_{who}_{extra}"]
+                if scored.update_count > 0:  # the same on every rank: the data has a truth layer or not; masking on
+                    values.update({pattern.format(k): v for k, v in scored.compute().items() if k != "loss"})
+                scored.reset()
+            for name, value in values.items():
+                show = who == "model" and name in ("loss", "cosine")
+                self.log(prefix + name, value, prog_bar=show, sync_dist=True, reduce_fx="max")
+            metric.reset()
+        if self._latents[stage]:
+            z_nk, labels_n = (torch.cat(parts) for parts in zip(*self._latents[stage], strict=True))
+            accuracy = knn_label_accuracy(z_nk, labels_n, k=self.knn_k)
+            self.log(f"{stage}/knn_accuracy", accuracy, sync_dist=True)  # per-shard under DDP: mean over ranks
+            self._latents[stage].clear()
+
+    def _dispersion_agreement(self) -> dict[str, torch.Tensor]:
+        """Pearson and Spearman r of learned vs true per-gene log dispersions, where the data knows the truth."""
+        head = self.net.count_head if self.count_loss else None
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if head is None or head.log_theta_g is None or datamodule is None or datamodule.adata is None:
+            return {}
+        true = datamodule.adata.var.get("true_dispersion")
+        if true is None:
+            return {}
+        return dispersion_agreement(head.log_theta_g.detach(), torch.as_tensor(true.to_numpy()).log())
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+
+def dispersion_agreement(log_theta_g: torch.Tensor, true_log_theta_g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Pearson r of two per-gene log dispersions, and Spearman r (Pearson of their ranks); NaN truths skipped."""
+    a, b = log_theta_g.double().cpu(), true_log_theta_g.double().cpu()
+    keep = torch.isfinite(b)
+    a, b = a[keep], b[keep]
+
+    def pearson(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return cosine_similarity(u, v, centered=True).float()
+
+    def ranks(u: torch.Tensor) -> torch.Tensor:
+        return u.argsort().argsort().double()  # continuous values: ties have probability zero
+
+    return {"dispersion_pearson": pearson(a, b), "dispersion_spearman": pearson(ranks(a), ranks(b))}

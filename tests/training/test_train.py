@@ -1,0 +1,50 @@
+"""End-to-end runs of the Hydra entry point on the real pbmc68k data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from exprae.runs import rundir
+from exprae.train import train
+
+
+@pytest.mark.parametrize("loss", ["mse", "cosine", "mixed", "pearson"])
+def test_fast_dev_run_every_loss(compose_cfg, loss):
+    cfg = compose_cfg(f"loss={loss}", "trainer.fast_dev_run=true", "callbacks=none", "logger=none")
+    metrics = train(cfg)
+    for stage in ("val", "test"):
+        for who in ("model", "mean", "pca"):
+            assert math.isfinite(metrics[stage][who]["cosine"]), (stage, who)
+
+
+def test_short_run_writes_run_directory(compose_cfg):
+    cfg = compose_cfg("trainer.max_epochs=3", "model.latent_dim=8")
+    metrics = train(cfg)
+    out = Path(cfg.paths.output_dir)
+    saved = json.loads((out / rundir.METRICS_FILE).read_text())
+    assert saved["val"]["model"]["cosine"] == pytest.approx(metrics["val"]["model"]["cosine"])
+    values = [v for stage in ("val", "test") for who in saved[stage].values() for v in who.values()]
+    assert values and all(math.isfinite(v) for v in values)
+    # PCA at the latent size is scored on the same cells, with as many components as the latent space.
+    assert saved["latent_dim"] == 8
+    assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    contract = json.loads((out / rundir.CONTRACT_FILE).read_text())
+    assert contract["n_genes"] == 765 and len(contract["var_names"]) == 765
+    split = pd.read_csv(out / rundir.SPLIT_FILE)
+    assert split["split"].value_counts().to_dict() == {"train": 560, "val": 70, "test": 70}
+    env = json.loads((out / rundir.ENVIRONMENT_FILE).read_text())
+    assert env["seed"] == 0 and env["torch"]
+
+
+def test_pca_start_is_never_far_below_pca(compose_cfg):
+    """The default PCA-started model, early-stopped on val loss, ends at least at PCA's held-out level."""
+    cfg = compose_cfg("trainer.max_epochs=5")
+    metrics = train(cfg)
+    assert metrics["val"]["model"]["mse"] <= metrics["val"]["pca"]["mse"] + 1e-4
+    assert metrics["test"]["model"]["cosine"] >= metrics["test"]["pca"]["cosine"] - 0.01
