@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +22,26 @@ FAST = [
     "trainer.enable_model_summary=false",
     "trainer.deterministic=true",
 ]
+
+
+# Public raw-count matrices kept beside the project, never committed (their README names the sources).
+REALDATA = Path(os.environ.get("EXPRAE_REALDATA", Path(__file__).resolve().parents[2] / "shared" / "realdata"))
+
+
+@pytest.fixture(scope="session")
+def realdata() -> Callable[[str], Path]:
+    """``realdata("pbmc4k_soupx.h5ad")``: the path of a real count matrix, or skip saying which file is absent."""
+
+    def _path(name: str) -> Path:
+        path = REALDATA / name
+        if not path.is_file():
+            pytest.skip(
+                f"real count matrix {path} is absent (set EXPRAE_REALDATA to the folder holding it; "
+                "sources in docs and that folder's README)"
+            )
+        return path
+
+    return _path
 
 
 @pytest.fixture(scope="session")
