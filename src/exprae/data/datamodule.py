@@ -71,6 +71,7 @@ class ExpressionDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         split_seed: int = 0,
+        batch_seed: int | None = 0,
         stratify_key: str | None = None,
         label_key: str | None = None,
         batch_size: int = 128,
@@ -93,6 +94,12 @@ class ExpressionDataModule(pl.LightningDataModule):
             preprocess = Preprocessing(**(preprocess or {}))
         self.preprocess = preprocess
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        # Two seeds on purpose: split_seed picks the held-out cells (fixed across a seed sweep, so every run is
+        # scored on the same cells); batch_seed orders the training batches (the config sets it to `seed`, so a
+        # seed sweep varies initialisation *and* batches). None draws a fresh order per run (seed=null).
+        if batch_seed is None:
+            batch_seed = int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> 1)
+        self.batch_seed = int(batch_seed)
         self.stratify_key, self.label_key = stratify_key, label_key
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.synthetic = dict(synthetic or {})
@@ -335,7 +342,7 @@ class ExpressionDataModule(pl.LightningDataModule):
             len(data),
             self.batch_size,
             shuffle=shuffle,
-            seed=self.split_seed,
+            seed=self.batch_seed,
             num_replicas=world,
             rank=rank,
             pad=shuffle,
@@ -365,7 +372,7 @@ class ExpressionDataModule(pl.LightningDataModule):
                 chunk_size=self.chunk_size, buffer_chunks=self.buffer_chunks, batch_size=self.batch_size
             ),
             shuffle=shuffle,
-            seed=self.split_seed,
+            seed=self.batch_seed,
             num_replicas=world,
             rank=rank,
             pad=shuffle,
