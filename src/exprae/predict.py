@@ -179,10 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"exprae-predict: error: {message}", file=sys.stderr)
         return 1
-    cos = adata.obs[f"{cfg.key_added}_cosine"]
+    from exprae.inference.splits import summary
+
     print(
-        f"exprae-predict: {adata.n_obs} cells embedded; reconstruction cosine median {cos.median():.4f} "
-        f"(10th percentile {cos.quantile(0.1):.4f}); wrote {cfg.out}"
+        f"exprae-predict: {adata.n_obs} cells embedded; wrote {cfg.out}\n"
+        f"{summary(adata, key_added=cfg.key_added)}\n"
+        f"(obs['{cfg.key_added}_split'] marks each cell's split in the run, matched by cell name)"
     )
     return 0
 

@@ -12,8 +12,12 @@ run used ``n_top_genes``), after the run's normalisation, log and scaling. ``emb
   gene order; genes the model does not reconstruct (outside its gene list) are NaN, so a value is never
   mistaken for a prediction;
 * ``obs["{key}_cosine"]``, ``obs["{key}_mse"]``: per-cell agreement of reconstruction and preprocessed input;
-* ``var["{key}_gene_r"]``: per-gene Pearson r across cells (NaN outside the model's genes or for a gene
-  constant in these cells);
+* ``obs["{key}_split"]``: each cell's split in the run that trained the model (train / val / test, matched by
+  cell name against the run's ``split.csv``; "new" for cells it never saw), so no score over training cells
+  passes for a held-out one (:mod:`exprae.inference.splits`);
+* ``var["{key}_gene_r"]``: per-gene Pearson r across the cells the model was not trained on (held-out and new;
+  across all cells only where every cell is a training cell, as ``uns["{key}"]["gene_r_cells"]`` says); NaN
+  outside the model's genes or for a gene constant in these cells;
 * ``uns["{key}"]``: the settings, model and gene bookkeeping.
 
 ``ExpraeModel.transform`` returns the preprocessed input itself, the "true" side of every comparison.
@@ -34,6 +38,7 @@ import torch
 
 from exprae.data import check_matrix, select_matrix
 from exprae.data.preprocessing import Preprocessing
+from exprae.inference.splits import gene_r_cells, split_counts, split_marks
 from exprae.nn import AutoEncoder
 from exprae.nn.baselines import Baselines
 from exprae.runs import rundir
@@ -367,9 +372,10 @@ class _GeneCorrelation:
         cov = sxy - sx * sy
         var_x, var_y = (sxx - sx * sx).clamp_min(0), (syy - sy * sy).clamp_min(0)
         denom = (var_x * var_y).sqrt()
-        # A gene constant across these cells has no correlation to speak of: NaN, not 0.
-        tiny = 1e-12 * (sxx * syy).sqrt().clamp_min(1e-300)
-        r = torch.where(denom > tiny, cov / denom.clamp_min(1e-300), torch.full_like(cov, float("nan")))
+        # A gene constant across these cells has no correlation to speak of: NaN, not 0. "Constant" is relative
+        # to the gene's second moment, since E[x²] − E[x]² of identical values leaves float64 round-off, not 0.
+        varies = (var_x > 1e-12 * sxx) & (var_y > 1e-12 * syy)
+        r = torch.where(varies, cov / denom.clamp_min(1e-300), torch.full_like(cov, float("nan")))
         return r.clamp(-1, 1).cpu().numpy()
 
 
@@ -413,6 +419,9 @@ def embed(
     if baselines:
         cell.update({name: np.empty(adata.n_obs, dtype=np.float32) for name in ("meanprofile_cosine", "pca_cosine")})
     gene_r = _GeneCorrelation(int(present_g.sum()), device)
+    splits_n = split_marks(adata.obs_names, model.run_dir)
+    # Per-gene r over the cells the model was not trained on (all cells only when every one is a training cell).
+    gene_r_rows, gene_r_covers = gene_r_cells(splits_n)
 
     with torch.inference_mode():
         for rows in _row_blocks(adata.n_obs, batch_size):
@@ -429,7 +438,8 @@ def embed(
                     cell[name][rows] = (
                         per_cell_metrics(base_ng[:, present_g], x_ng[:, present_g])["cosine"].cpu().numpy()
                     )
-            gene_r.update(x_ng[:, present_g], recon_ng[:, present_g])
+            keep = torch.as_tensor(gene_r_rows[rows], device=device)
+            gene_r.update(x_ng[keep][:, present_g], recon_ng[keep][:, present_g])
             z_nk[rows] = out["z"].float().cpu().numpy()
             recon[np.ix_(rows, dest[written])] = recon_ng[:, torch.as_tensor(written, device=device)].cpu().numpy()
 
@@ -444,6 +454,9 @@ def embed(
         adata.obs[f"{key_added}_{name}"] = values
     adata.var[f"{key_added}_gene_r"] = r_var
     adata.uns[key_added] = _settings(model, source, key_added=key_added, batch_size=batch_size, baselines=baselines)
+    adata.obs[f"{key_added}_split"] = splits_n
+    adata.uns[key_added]["n_cells_per_split"] = split_counts(splits_n)
+    adata.uns[key_added]["gene_r_cells"] = gene_r_covers
     return adata
 
 
@@ -467,7 +480,7 @@ def _settings(
         "keys": {
             "obsm": f"X_{key_added}",
             "layer": f"{key_added}_recon",
-            "obs": [f"{key_added}_cosine", f"{key_added}_mse"],
+            "obs": [f"{key_added}_cosine", f"{key_added}_mse", f"{key_added}_split"],
             "var": f"{key_added}_gene_r",
         },
     }
