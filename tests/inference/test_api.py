@@ -114,6 +114,31 @@ def test_zero_fill_is_opt_in_and_warns_with_the_count(model, pbmc):
     assert np.isfinite(subset.obs["exprae_cosine"]).all() and np.isfinite(subset.obsm["X_exprae"]).all()
 
 
+def test_missing_genes_are_zero_filled_and_scores_use_the_present_genes_only(model, pbmc):
+    """A hand-made case: 5 genes dropped from 40 cells. The run's preprocessing is the identity (X as given), so
+    zero-filling means the model sees those genes at 0; its scores must cover the 760 genes actually measured."""
+    dropped = ["CD79A", "MS4A1", "NKG7", "GNLY", "LYZ"]
+    cells = pbmc[:40].copy()
+    subset = cells[:, ~cells.var_names.isin(dropped)].copy()
+    with pytest.warns(UserWarning, match="5 of the model's 765 genes are missing"):
+        exprae.embed(model, subset, allow_missing_genes=True)
+    zeroed = cells.copy()
+    zeroed.X[:, zeroed.var_names.isin(dropped)] = 0.0  # what zero-filling must feed the model
+    exprae.embed(model, zeroed)
+    np.testing.assert_allclose(subset.obsm["X_exprae"], zeroed.obsm["X_exprae"], atol=1e-5)
+    present = ~zeroed.var_names.isin(dropped)
+    x_ng = np.asarray(zeroed.X, dtype=np.float64)[:, present]
+    recon_ng = np.asarray(zeroed.layers["exprae_recon"], dtype=np.float64)[:, present]
+    cosine = (x_ng * recon_ng).sum(1) / (np.linalg.norm(x_ng, axis=1) * np.linalg.norm(recon_ng, axis=1))
+    np.testing.assert_allclose(subset.obs["exprae_cosine"], cosine, atol=1e-5)
+    np.testing.assert_allclose(subset.obs["exprae_mse"], ((x_ng - recon_ng) ** 2).mean(1), rtol=1e-4)
+    # Scoring the zero-filled genes too would change the values (the model predicts them far from 0).
+    assert np.abs(zeroed.obs["exprae_cosine"] - cosine).max() > 1e-3
+    np.testing.assert_allclose(
+        subset.var["exprae_gene_r"], zeroed.var["exprae_gene_r"][subset.var_names].to_numpy(), atol=1e-5
+    )
+
+
 def test_layer_raw_and_a_missing_layer(model, pbmc):
     with pytest.raises(KeyError, match="available layers"):
         exprae.embed(model, pbmc.copy(), layer="counts")

@@ -204,7 +204,9 @@ def test_dispersion_agreement_is_pearson_and_spearman():
     true = torch.tensor([1.0, 2.0, 3.0, 4.0, float("nan")])
     got = dispersion_agreement(torch.tensor([1.0, 4.0, 9.0, 16.0, 0.0]), true)
     assert got["dispersion_spearman"].item() == pytest.approx(1.0)
-    assert 0.9 < got["dispersion_pearson"].item() < 1.0
+    # Pearson r of (1, 4, 9, 16) with (1, 2, 3, 4) is 0.98437; the uncentred cosine would be 0.97037, outside
+    # the tolerance (scipy comparison on 200 genes: tests/scoring/test_metrics.py).
+    assert got["dispersion_pearson"].item() == pytest.approx(0.98437, abs=1e-4)
 
 
 # ---------------------------------------------------------------- data contract

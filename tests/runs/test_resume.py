@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from exprae.errors import ConfigError, DataFileNotFoundError
+from exprae.errors import ConfigError, DataError, DataFileNotFoundError
 from exprae.runs import rundir
 from exprae.runs.resume import load_checkpoint
 from exprae.train import train
@@ -105,3 +105,27 @@ def test_resume_with_another_model_shape_is_refused(compose_cfg):
         ConfigError, match=r"does not fit the configured model .*\(4, 32\) in the checkpoint, \(6, 32\) now"
     ):
         train(cfg)
+
+
+class _OpensAFile:
+    """Unpickling this calls ``open(path, "w")``: the visible side effect of a checkpoint that runs code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple:
+        return open, (self.path, "w")
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(compose_cfg, pbmc_run, tmp_path):
+    """A real checkpoint plus one pickled object: resuming from it fails before unpickling anything."""
+    marker = tmp_path / "code-ran"
+    ckpt = torch.load(pbmc_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt["payload"] = _OpensAFile(marker)
+    evil = tmp_path / "evil.ckpt"
+    torch.save(ckpt, evil)
+    cfg = compose_cfg("trainer.max_epochs=4", "model.latent_dim=8", f"ckpt_path={evil}", "logger=none")
+    with pytest.raises(DataError, match=r"holds objects other than weights and plain data; refused"):
+        train(cfg)
+    assert not marker.exists(), "the checkpoint's pickled code ran"
+    assert not (Path(cfg.paths.output_dir) / rundir.METRICS_FILE).exists()
