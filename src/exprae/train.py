@@ -24,6 +24,7 @@ from exprae.errors import CLIError, ConfigError, ExpraeError
 from exprae.runs import lock as runguard
 from exprae.runs import rundir
 from exprae.runs.resume import check_resume, resolve_ckpt_path
+from exprae.scoring.pca_gain import gain_over_pca
 from exprae.training.config_checks import check_config, check_monitors, check_sizes, validation_metric_names
 from exprae.training.hparams import log_final_hparams
 from exprae.training.module import AutoencoderModule
@@ -64,28 +65,37 @@ def build(cfg: DictConfig) -> tuple[ExpressionDataModule, AutoencoderModule]:
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
     )
+    if "centroid" in module.scored and datamodule.label_key is None:
+        raise ConfigError(
+            "module.baselines includes centroid, which predicts each cell's cell-type mean: name the label column "
+            "with data.label_key=<obs column>, e.g. bulk_labels"
+        )
     return datamodule, module
 
 
 def _stage_metrics(results: list[dict[str, float]], stage: str) -> dict[str, dict[str, float]]:
     """Regroup Lightning's flat ``{stage}/...`` and ``baseline/{who}/{stage}/...`` keys by who was scored."""
     flat = {k: float(v) for r in results for k, v in r.items()}
-    grouped: dict[str, dict[str, float]] = {"model": {}, "mean": {}, "pca": {}}
+    grouped: dict[str, dict[str, float]] = {"model": {}}
     for key, value in flat.items():
         parts = key.split("/")
         if parts[0] == stage:
             grouped["model"][parts[-1]] = value
         elif parts[0] == "baseline" and parts[2] == stage:
-            grouped[parts[1]][parts[-1]] = value
+            grouped.setdefault(parts[1], {})[parts[-1]] = value
     return {k: v for k, v in grouped.items() if v}
 
 
 def format_report(metrics: dict[str, Any]) -> str:
-    """A plain-text table of val/test cosine, Pearson and MSE for the model and both baselines."""
+    """A plain-text table of val/test cosine, Pearson and MSE for the model and each scored baseline."""
+    k = metrics.get("latent_dim", "?")
     names = {
         "model": f"exprae ({metrics.get('loss', 'model')})",
         "mean": "mean profile",
-        "pca": f"PCA ({metrics.get('latent_dim', '?')} comps)",
+        "pca": f"PCA ({k} comps)",
+        "spherical_pca": f"spherical PCA ({k})",
+        "knn": f"kNN smoothing (k={metrics.get('knn_smoothing_k', '?')})",
+        "centroid": "cell-type centroid",
     }
     cols = [(stage, m) for stage in ("val", "test") for m in ("cosine", "pearson", "mse")]
     lines = [f"{'':<22}" + "".join(f"{f'{s}/{m}':>14}" for s, m in cols)]
@@ -94,6 +104,15 @@ def format_report(metrics: dict[str, Any]) -> str:
         if all(v is None for v in row):
             continue
         lines.append(f"{label:<22}" + "".join(f"{v:>14.4f}" if v is not None else f"{'-':>14}" for v in row))
+    gain = metrics.get("gain_over_pca")
+    if gain:
+        k_equiv = gain["components"]
+        worth = f"PCA-{k_equiv:.1f}" if k_equiv is not None else f"more than PCA-{gain['max_components']}"
+        moved = gain["relative_weight_change"]
+        lines.append(
+            f"on val cosine exprae-{gain['latent_dim']} is worth {worth}"
+            + ("" if moved is None else f"; its weights moved {100 * moved:.1f} % from their start")
+        )
     return "\n".join(lines)
 
 
@@ -167,6 +186,11 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
         "val": _stage_metrics(val, "val"),
         "test": _stage_metrics(test, "test"),
     }
+    if "knn" in module.scored:
+        metrics["knn_smoothing_k"] = module.extra_baselines.knn_k
+    if "pca" in module.scored and "cosine" in metrics["val"].get("model", {}):
+        # Equivalent PCA components and distance from the start; a resumed run's start is re-derived, not read.
+        metrics["gain_over_pca"] = gain_over_pca(module, datamodule, metrics["val"]["model"])
     if trainer.is_global_zero:
         rundir.write_json(out_dir / rundir.METRICS_FILE, metrics)
     log_final_hparams(  # Lightning's loggers write on rank 0 only

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from exprae.constants import (
+    TARGET_KEY,
     TRUTH_KEY,
     X_KEY,
 )
@@ -327,6 +328,25 @@ class ExpressionDataModule(pl.LightningDataModule):
         data = self.split_dataset("train")
         for start in range(0, len(data), chunk_size):
             yield data[np.arange(start, min(start + chunk_size, len(data)))][X_KEY]
+
+    def split_chunks(self, split: str, chunk_size: int = 4096) -> Iterator[dict[str, torch.Tensor]]:
+        """Dense dict batches of one split's cells in row order, for scoring outside the training loop."""
+        self._require_setup()
+        if self.backed_cells is not None:  # streamed data has no separate target: the input is the target
+            for x_ng in self.backed_cells.dense_chunks(self.splits[split], chunk_size=chunk_size):
+                yield {X_KEY: x_ng, TARGET_KEY: x_ng}
+            return
+        data = self.split_dataset(split)
+        for start in range(0, len(data), chunk_size):
+            yield data[np.arange(start, min(start + chunk_size, len(data)))]
+
+    def train_labels(self) -> torch.Tensor | None:
+        """Integer label codes of the training cells, in :meth:`train_chunks` order (-1: no label); None without labels."""
+        self._require_setup()
+        if self.label_key is None:
+            return None
+        codes = pd.Categorical(self.adata.obs[self.label_key], categories=self.label_categories).codes
+        return torch.as_tensor(codes[self.splits["train"]], dtype=torch.long)
 
     def _rank_info(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,7 +23,7 @@ from exprae.constants import (
 from exprae.errors import ConfigError
 from exprae.losses import CountNLL, ReconstructionLoss, cosine_similarity, reduce_per_cell
 from exprae.nn import AutoEncoder
-from exprae.nn.baselines import Baselines
+from exprae.nn.baselines import BASELINE_NAMES, DEFAULT_BASELINES, BaselineName, Baselines, ExtraBaselines
 from exprae.nn.count_head import InputView, count_parameters, expected_counts
 from exprae.scoring.masking import hidden_entries
 from exprae.scoring.metrics import ReconstructionMetrics, knn_label_accuracy
@@ -38,15 +38,25 @@ from exprae.training.fast_step import (
 log = logging.getLogger(__name__)
 
 EVAL_STAGES = ("val", "test")
-SCORED = ("model", "mean", "pca")  # the model and the two baselines, scored on the same cells
+
+
+def scored_baselines(baselines: Sequence[str] | bool) -> tuple[str, ...]:
+    """The baselines ``module.baselines`` asks for, in canonical order: ``true`` is mean and PCA, ``false`` none."""
+    if isinstance(baselines, bool):
+        return DEFAULT_BASELINES if baselines else ()
+    unknown = [name for name in baselines if name not in BASELINE_NAMES]
+    if unknown:
+        raise ConfigError(f"module.baselines names unknown baselines {unknown}; choose from {list(BASELINE_NAMES)}")
+    return tuple(name for name in BASELINE_NAMES if name in baselines)
 
 
 class AutoencoderModule(pl.LightningModule):
     """Owns the loss, the optimizer and the metrics; the network itself is a plain ``nn.Module``.
 
     Logged keys: ``train/loss`` every ``log_every_n_steps``; each validation epoch ``val/{loss, mse, cosine,
-    pearson, cosine_median, cosine_p10}`` for the model and ``baseline/{mean,pca}/val/...`` for the
-    baselines; the same under ``test/`` after testing.
+    pearson, cosine_median, cosine_p10}`` for the model and ``baseline/{name}/val/...`` for each baseline in
+    ``baselines`` (default mean and PCA; opt-in ``spherical_pca``, ``knn`` smoothing with ``knn_smoothing_k``
+    neighbours, and the cell-type ``centroid``, see :mod:`exprae.nn.baselines`); the same under ``test/``.
 
     With a count likelihood (:class:`exprae.losses.CountNLL`) the loss is fitted to raw counts, but cosine,
     Pearson and MSE compare the model's expected counts mapped into the input representation (normalised,
@@ -75,7 +85,8 @@ class AutoencoderModule(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         scheduler_monitor: str = "val/loss",
-        baselines: bool = True,
+        baselines: bool | list[BaselineName] = True,
+        knn_smoothing_k: int = 15,
         aux_loss: nn.Module | None = None,
         aux_weight: float = 1.0,
         knn_k: int = 15,
@@ -89,7 +100,9 @@ class AutoencoderModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.scheduler_monitor = scheduler_monitor
-        self.with_baselines = baselines
+        # The scored baselines; mean and PCA are fitted whatever this says, for the PCA start.
+        self.scored = ("model", *scored_baselines(baselines))
+        self.with_baselines = len(self.scored) > 1
         if not 0.0 <= float(mask_fraction) < 1.0:
             raise ConfigError(f"module.mask_fraction must lie in [0, 1), got {mask_fraction}")
         self.mask_fraction, self.mask_seed = float(mask_fraction), int(mask_seed)
@@ -109,13 +122,15 @@ class AutoencoderModule(pl.LightningModule):
         self.compile_mode = check_compile_mode(compile)
         self.automatic_optimization = self.compile_mode != "graph"
         self._train_step: TrainStep | None = None
+        self.start_state: dict[str, torch.Tensor] | None = None
         # Baselines are needed for the PCA start even when they are not reported.
         self.baselines = Baselines(net.n_genes, net.latent_dim)
+        self.extra_baselines = ExtraBaselines(net.n_genes, net.latent_dim, self.scored, knn_k=knn_smoothing_k)
         self.metrics = nn.ModuleDict(
             {
                 f"{stage}_{who}{suffix}": ReconstructionMetrics()
                 for stage in EVAL_STAGES
-                for who in SCORED
+                for who in self.scored
                 for suffix in ("", *(f"_{extra}" for extra in EXTRA_SCORES))
             }
         )
@@ -135,8 +150,13 @@ class AutoencoderModule(pl.LightningModule):
     def prepare_start(self, datamodule: Any) -> None:
         """Fit the baselines on the training cells; with ``init="pca"`` the network then starts at PCA."""
         self.baselines.fit(datamodule.train_chunks())
+        if self.extra_baselines.names:
+            labels_n = datamodule.train_labels() if "centroid" in self.extra_baselines.names else None
+            self.extra_baselines.fit(datamodule.train_chunks, pca=self.baselines, labels_n=labels_n)
         if self.net.init == "pca":
             self.start_at_pca()
+        # Where training starts (PCA or the random draw), to report how far it moved (exprae.scoring.pca_gain).
+        self.start_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         if self.count_loss:
             self.input_view.fit(datamodule.preprocess)
             library_n = datamodule.split_dataset("train").per_cell[LIBRARY_KEY]
@@ -192,11 +212,11 @@ class AutoencoderModule(pl.LightningModule):
             return loss
         if LABEL_KEY in batch:
             self._latents[stage].append((out["z"].detach().float(), batch[LABEL_KEY]))
-        target = self._eval_target(batch)
+        target = self.eval_target(batch)
         recons = {"model": self.reconstruct(out, batch)}
         self.metrics[f"{stage}_model"].update(recons["model"], target, loss_n)
         if self.with_baselines:
-            for who, recon in self.baselines(batch[X_KEY].float()).items():
+            for who, recon in self._baseline_recons(batch[X_KEY].float(), batch.get(LABEL_KEY)).items():
                 baseline_loss_n = None if self.count_loss else self.loss.per_cell(recon, target)
                 self.metrics[f"{stage}_{who}"].update(recon, target, baseline_loss_n)
                 recons[who] = recon
@@ -207,7 +227,15 @@ class AutoencoderModule(pl.LightningModule):
             self._score_masked(batch, stage)
         return loss
 
-    def _eval_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _baseline_recons(self, x_ng: torch.Tensor, labels_n: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The scored baselines' reconstructions of ``x_ng`` (the centroid only where cells carry labels)."""
+        recons = self.baselines(x_ng)
+        if self.extra_baselines.fitted:  # not after loading a checkpoint: they are refitted, never restored
+            recons.update(self.extra_baselines(x_ng, labels_n))
+        return {who: recon for who, recon in recons.items() if who in self.scored}
+
+    def eval_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What reconstructions are scored against: the target, or the input for count likelihoods."""
         # Count likelihoods fit raw counts; their metrics (and the baselines') are taken in the input's space.
         return batch[X_KEY] if self.count_loss else batch[TARGET_KEY]
 
@@ -220,8 +248,8 @@ class AutoencoderModule(pl.LightningModule):
         x_masked_ng = x_ng.masked_fill(hidden_ng, 0.0)
         recons = {"model": self.reconstruct(self(x_masked_ng), batch)}
         if self.with_baselines:
-            recons.update(self.baselines(x_masked_ng.float()))
-        target = self._eval_target(batch)
+            recons.update(self._baseline_recons(x_masked_ng.float(), batch.get(LABEL_KEY)))
+        target = self.eval_target(batch)
         for who, recon in recons.items():
             self.metrics[f"{stage}_{who}_masked"].update(recon, target, mask_ng=hidden_ng)
 
@@ -292,8 +320,10 @@ class AutoencoderModule(pl.LightningModule):
     # ------------------------------------------------------------------ epoch ends
 
     def _log_eval(self, stage: str) -> None:
-        for who in SCORED if self.with_baselines else ("model",):
+        for who in self.scored:
             metric = self.metrics[f"{stage}_{who}"]
+            if who != "model" and metric.update_count == 0:
+                continue  # an opt-in baseline that was not fitted in this process, or a centroid without labels
             prefix = f"{stage}/" if who == "model" else f"baseline/{who}/{stage}/"
             # Values are already exact global means (torchmetrics syncs sums), identical on every rank; a "max"
             # sync keeps them bit-exact (a "mean" would re-round) and tells Lightning they are synced.
