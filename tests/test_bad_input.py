@@ -412,3 +412,26 @@ def test_monitorable_names_are_exactly_what_validation_logs(compose_cfg, overrid
     trainer.validate(module, datamodule=datamodule, verbose=False)
     logged = {k for k in trainer.callback_metrics if k.startswith("val/")}
     assert logged == validation_metric_names(module, datamodule)
+
+
+# ---------------------------------------------------------------- friction a new user meets on real counts
+
+
+def test_path_without_data_h5ad_names_the_fix(compose_cfg, tmp_path):
+    path = write(counts(), tmp_path)
+    refused(compose_cfg(f"data.path={path}", *SMALL), InstantiationException, "data=h5ad", f"data.path={path}")
+
+
+def test_fewer_genes_than_n_top_genes_keeps_them_all(compose_cfg, tmp_path):
+    # The h5ad config asks for 2,000 HVGs; a 200-gene file keeps its 200 genes with a warning (scanpy's way).
+    path = write(counts(n_genes=200), tmp_path)
+    with pytest.warns(UserWarning, match="n_top_genes=2000 asks for more genes than the 200 present"):
+        datamodule, _ = build(compose_cfg("data=h5ad", f"data.path={path}", *SMALL))
+    assert datamodule.n_genes == 200
+
+
+def test_fewer_genes_than_n_top_genes_keeps_them_all_when_backed(compose_cfg, tmp_path):
+    path = write(counts(n_genes=200), tmp_path)
+    with pytest.warns(UserWarning, match="all 200 are kept"):
+        datamodule, _ = build(compose_cfg("data=h5ad", f"data.path={path}", "data.backed=true", *SMALL))
+    assert datamodule.n_genes == 200

@@ -98,12 +98,13 @@ def format_report(metrics: dict[str, Any]) -> str:
         "centroid": "cell-type centroid",
     }
     cols = [(stage, m) for stage in ("val", "test") for m in ("cosine", "pearson", "mse")]
-    lines = [f"{'':<22}" + "".join(f"{f'{s}/{m}':>14}" for s, m in cols)]
+    width = max(len(label) for label in names.values()) + 2  # long loss names must not push numbers out of line
+    lines = [" " * width + "".join(f"{f'{s}/{m}':>14}" for s, m in cols)]
     for who, label in names.items():
         row = [metrics.get(s, {}).get(who, {}).get(m) for s, m in cols]
         if all(v is None for v in row):
             continue
-        lines.append(f"{label:<22}" + "".join(f"{v:>14.4f}" if v is not None else f"{'-':>14}" for v in row))
+        lines.append(f"{label:<{width}}" + "".join(f"{v:>14.4f}" if v is not None else f"{'-':>14}" for v in row))
     gain = metrics.get("gain_over_pca")
     if gain:
         k_equiv = gain["components"]

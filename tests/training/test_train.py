@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from exprae.runs import rundir
-from exprae.train import train
+from exprae.train import format_report, train
 
 
 @pytest.mark.parametrize("loss", ["mse", "cosine", "mixed", "pearson"])
@@ -76,3 +76,13 @@ def test_pca_start_is_kept_as_best_when_no_epoch_beats_it(compose_cfg):
     best = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt")
     key = next(k for k in best["state_dict"] if k.endswith("weight") and best["state_dict"][k].abs().sum() > 0)
     assert last["state_dict"][key].norm() < 0.5 * best["state_dict"][key].norm()
+
+
+def test_report_columns_stay_aligned_for_long_loss_names():
+    scores = {who: {"cosine": 0.5, "pearson": 0.4, "mse": 0.1} for who in ("model", "mean", "pca")}
+    metrics = {"loss": "NegativeBinomialNLL", "latent_dim": 16, "val": scores, "test": scores}
+    lines = format_report(metrics).splitlines()
+    assert "exprae (NegativeBinomialNLL)" in lines[1]
+    # Fixed-width number columns: aligned exactly when every row (header included) has the same length.
+    assert len({len(line) for line in lines}) == 1, lines
+    assert lines[1].split()[-6:] == ["0.5000", "0.4000", "0.1000"] * 2

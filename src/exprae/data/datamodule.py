@@ -85,8 +85,15 @@ class ExpressionDataModule(pl.LightningDataModule):
         buffer_chunks: int = 8,
     ) -> None:
         super().__init__()
-        if (dataset is None) == (path is None):
-            raise ConfigError("set exactly one of data.dataset (a built-in name) and data.path (an .h5ad file)")
+        if dataset is not None and path is not None:
+            raise ConfigError(
+                f"data.path={path!r} is set, but the data config is the built-in dataset data.dataset={dataset!r}: "
+                f"train on your file with `exprae-train data=h5ad data.path={path}` (raw counts: normalize_total "
+                "1e4, log1p, 2,000 highly variable genes), or add data.dataset=null to keep this data config's "
+                "preprocessing"
+            )
+        if dataset is None and path is None:
+            raise ConfigError("set data.path to an .h5ad file (exprae-train data=h5ad data.path=my.h5ad)")
         self.dataset, self.path, self.layer = dataset, path, layer
         # target_layer: the matrix the loss is fitted to (X, raw or a layer); None: the input itself.
         # count_target (set from the loss by exprae.train.build): the target is raw counts, not preprocessed.

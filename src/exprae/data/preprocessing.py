@@ -18,6 +18,19 @@ import scipy.sparse as sp
 from exprae.errors import ConfigError
 
 
+def keeps_all_genes(n_top_genes: int, n_genes: int) -> bool:
+    """True (with a warning, as scanpy does) when fewer genes are present than ``n_top_genes`` asks for."""
+    if n_top_genes < n_genes:
+        return False
+    if n_top_genes > n_genes:
+        warnings.warn(
+            f"preprocess.n_top_genes={n_top_genes} asks for more genes than the {n_genes} present: all {n_genes} "
+            "are kept (scanpy's convention); set data.preprocess.n_top_genes=null to keep all genes silently",
+            stacklevel=3,
+        )
+    return True
+
+
 @dataclass
 class Preprocessing:
     """Which scanpy steps to run, in scanpy's order; fitted state is filled in by :meth:`fit`.
@@ -71,9 +84,7 @@ class Preprocessing:
         import scanpy as sc
 
         genes = list(adata.var_names)
-        if self.n_top_genes is not None:
-            if int(self.n_top_genes) > adata.n_vars:
-                raise ConfigError(f"preprocess.n_top_genes={self.n_top_genes} exceeds the {adata.n_vars} genes present")
+        if self.n_top_genes is not None and not keeps_all_genes(int(self.n_top_genes), adata.n_vars):
             hvg = sc.pp.highly_variable_genes(
                 adata, n_top_genes=int(self.n_top_genes), flavor=self.hvg_flavor, inplace=False
             )

@@ -28,7 +28,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.stats import norm
 
-from exprae.data.preprocessing import Preprocessing
+from exprae.data.preprocessing import Preprocessing, keeps_all_genes
 from exprae.errors import ConfigError, DataError
 
 STREAMING_HVG_FLAVORS = ("seurat", "cell_ranger")
@@ -131,8 +131,8 @@ def fit_streaming(
                 f"preprocess.hvg_flavor={preprocess.hvg_flavor!r} cannot be fitted in a streaming pass; choose "
                 f"one of {list(STREAMING_HVG_FLAVORS)} with data.backed=true"
             )
-        if int(n_top) > len(var_names):
-            raise ConfigError(f"preprocess.n_top_genes={n_top} exceeds the {len(var_names)} genes present")
+        if keeps_all_genes(int(n_top), len(var_names)):
+            n_top = None
     seurat = n_top is not None and preprocess.hvg_flavor == "seurat"
     moments_x = GeneMoments(len(var_names))
     moments_counts = GeneMoments(len(var_names)) if seurat else None
