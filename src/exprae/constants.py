@@ -6,6 +6,7 @@ TARGET_KEY = "target"  # reconstruction target, cells x genes (the input itself 
 LIBRARY_KEY = "library_size"  # per-cell total of the target, for count likelihoods
 SIZE_FACTOR_KEY = "size_factor"  # per-cell factor normalize_total applied to the input (1 without it)
 LABEL_KEY = "label"  # integer label per cell, for auxiliary latent losses
+BATCH_KEY = "batch"  # integer covariate codes per cell, cells x covariates (data.batch_key; batch first)
 TRUTH_KEY = "true_mean"  # noise-free profile (synthetic data only), after the same preprocessing
 INDEX_KEY = "index"  # row of the cell in the split's AnnData
 

@@ -22,7 +22,7 @@ import anndata as ad
 
 VALID_KEYS = (
     "ckpt, data.path, data.layer, data.preprocess.*, out, overwrite, key_added, batch_size, allow_missing_genes, "
-    "baselines, device"
+    "baselines, transform_batch, device"
 )
 USAGE = "usage: exprae-predict ckpt=RUN_DIR_OR_CKPT data.path=IN.h5ad out=OUT.h5ad [overwrite=true] [key=value ...]"
 
@@ -49,6 +49,7 @@ class PredictConfig:
     batch_size: int = 1024
     allow_missing_genes: bool = False
     baselines: bool = False  # also write the mean-profile and PCA baselines' per-cell cosine
+    transform_batch: str | None = None  # a batch level: the reconstruction of every cell as if from that batch
     device: str = "auto"  # auto (GPU when present), cpu, cuda, cuda:1, ...
 
 
@@ -152,6 +153,7 @@ def predict(cfg: PredictConfig) -> ad.AnnData:
         batch_size=cfg.batch_size,
         allow_missing_genes=cfg.allow_missing_genes,
         baselines=cfg.baselines,
+        transform_batch=cfg.transform_batch,
     )
     write_h5ad_atomic(adata, out, overwrite=cfg.overwrite)
     return adata

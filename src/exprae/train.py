@@ -24,10 +24,13 @@ from exprae.errors import CLIError, ConfigError, ExpraeError
 from exprae.runs import lock as runguard
 from exprae.runs import rundir
 from exprae.runs.resume import check_resume, resolve_ckpt_path
+from exprae.scoring.metrics import PerBatchMetrics
 from exprae.scoring.pca_gain import gain_over_pca
 from exprae.training.config_checks import check_config, check_monitors, check_sizes, validation_metric_names
 from exprae.training.hparams import log_final_hparams
-from exprae.training.module import AutoencoderModule
+from exprae.training.module import AutoencoderModule, level_key
+
+BATCH_NAMES = PerBatchMetrics.NAMES
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,9 @@ def build(cfg: DictConfig) -> tuple[ExpressionDataModule, AutoencoderModule]:
     datamodule: ExpressionDataModule = hydra.utils.instantiate(cfg.data, count_target=head is not None)
     datamodule.setup("fit")
     head_kwargs = {} if head is None else {"count_head": head.to_dict()}
-    net = hydra.utils.instantiate(cfg.model, n_genes=datamodule.n_genes, **head_kwargs)
+    # Covariates (data.batch_key) size the network's one-hot inputs; the module names their levels in its logs.
+    batch_kwargs = {"n_batches": datamodule.n_batches} if datamodule.n_batches else {}
+    net = hydra.utils.instantiate(cfg.model, n_genes=datamodule.n_genes, **head_kwargs, **batch_kwargs)
     check_sizes(net, n_train=len(datamodule.splits["train"]))
     aux = cfg.get("aux") or {}
     aux_loss = hydra.utils.instantiate(aux["loss"]) if aux.get("loss") else None
@@ -64,6 +69,7 @@ def build(cfg: DictConfig) -> tuple[ExpressionDataModule, AutoencoderModule]:
         aux_weight=aux.get("weight", 0.0) if aux_loss is not None else 0.0,
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        batch_levels=datamodule.covariates.categories[datamodule.batch_keys[0]] if datamodule.covariates else None,
     )
     if "centroid" in module.scored and datamodule.label_key is None:
         raise ConfigError(
@@ -75,19 +81,55 @@ def build(cfg: DictConfig) -> tuple[ExpressionDataModule, AutoencoderModule]:
 
 def _stage_metrics(results: list[dict[str, float]], stage: str) -> dict[str, dict[str, float]]:
     """Regroup Lightning's flat ``{stage}/...`` and ``baseline/{who}/{stage}/...`` keys by who was scored."""
-    flat = {k: float(v) for r in results for k, v in r.items()}
     grouped: dict[str, dict[str, float]] = {"model": {}}
-    for key, value in flat.items():
-        parts = key.split("/")
-        if parts[0] == stage:
-            grouped["model"][parts[-1]] = value
-        elif parts[0] == "baseline" and parts[2] == stage:
-            grouped.setdefault(parts[1], {})[parts[-1]] = value
+    for who, rest, value in _split_keys(results, stage):
+        if len(rest) == 1:
+            grouped.setdefault(who, {})[rest[0]] = value
     return {k: v for k, v in grouped.items() if v}
 
 
+def _split_keys(results: list[dict[str, float]], stage: str) -> list[tuple[str, list[str], float]]:
+    """``(who, rest of the key, value)`` for each logged key of ``stage`` (``who``: model or a baseline)."""
+    out = []
+    for key, value in ((k, float(v)) for r in results for k, v in r.items()):
+        parts = key.split("/")
+        if parts[0] == stage:
+            out.append(("model", parts[1:], value))
+        elif parts[0] == "baseline" and len(parts) > 3 and parts[2] == stage:
+            out.append((parts[1], parts[3:], value))
+    return out
+
+
+def batch_report(
+    results: dict[str, list[dict[str, float]]], datamodule: ExpressionDataModule, levels: list[str]
+) -> dict[str, Any] | None:
+    """Per-batch scores for metrics.json: cells, cosine/Pearson/MSE per level and their spread (max − min)."""
+    if datamodule.covariates is None:
+        return None
+    key = datamodule.batch_keys[0]
+    report: dict[str, Any] = {"key": key, "levels": list(levels), "n_cells": {}, "spread": {}}
+    safe = {level_key(level): level for level in levels}
+    for stage, stage_results in results.items():
+        codes = datamodule.split_batch_codes(stage)[:, 0]
+        report["n_cells"][stage] = {level: int((codes == i).sum()) for i, level in enumerate(levels)}
+        scores: dict[str, dict[str, dict[str, float]]] = {}
+        for who, rest, value in _split_keys(stage_results, stage):
+            if len(rest) == 3 and rest[0] == "batch" and rest[1] in safe:
+                scores.setdefault(who, {}).setdefault(safe[rest[1]], {})[rest[2]] = value
+        report[stage] = scores
+        report["spread"][stage] = {
+            who: {m: max(v[m] for v in by_level.values()) - min(v[m] for v in by_level.values()) for m in BATCH_NAMES}
+            for who, by_level in scores.items()
+            if len(by_level) > 1
+        }
+    return report
+
+
 def format_report(metrics: dict[str, Any]) -> str:
-    """A plain-text table of val/test cosine, Pearson and MSE for the model and each scored baseline."""
+    """A plain-text table of val/test cosine, Pearson and MSE for the model and each scored baseline.
+
+    With a batch covariate, a second table gives the same scores per batch level and their spread.
+    """
     k = metrics.get("latent_dim", "?")
     names = {
         "model": f"exprae ({metrics.get('loss', 'model')})",
@@ -96,6 +138,8 @@ def format_report(metrics: dict[str, Any]) -> str:
         "spherical_pca": f"spherical PCA ({k})",
         "knn": f"kNN smoothing (k={metrics.get('knn_smoothing_k', '?')})",
         "centroid": "cell-type centroid",
+        "batch_mean": "per-batch mean",
+        "batch_pca": "per-batch PCA",
     }
     cols = [(stage, m) for stage in ("val", "test") for m in ("cosine", "pearson", "mse")]
     width = max(len(label) for label in names.values()) + 2  # long loss names must not push numbers out of line
@@ -114,6 +158,22 @@ def format_report(metrics: dict[str, Any]) -> str:
             f"on val cosine exprae-{gain['latent_dim']} is worth {worth}"
             + ("" if moved is None else f"; its weights moved {100 * moved:.1f} % from their start")
         )
+    by_batch = metrics.get("by_batch")
+    if by_batch:
+        rows = []
+        for who in ("model", "pca", "batch_pca"):
+            for level in [*by_batch["levels"], "spread"]:
+                if level == "spread":
+                    row = [by_batch["spread"].get(s, {}).get(who, {}).get(m) for s, m in cols]
+                else:
+                    row = [by_batch.get(s, {}).get(who, {}).get(level, {}).get(m) for s, m in cols]
+                if any(v is not None for v in row):
+                    rows.append((f"{names[who].split(' (')[0]} [{level}]", row))
+        width = max([22, *(len(label) + 2 for label, _ in rows)])
+        lines.append(f"\nper {by_batch['key']} (held-out cells of each level; spread = max - min over levels)")
+        lines.append(f"{'':<{width}}" + "".join(f"{f'{s}/{m}':>14}" for s, m in cols))
+        for label, row in rows:
+            lines.append(f"{label:<{width}}" + "".join(f"{v:>14.4f}" if v is not None else f"{'-':>14}" for v in row))
     return "\n".join(lines)
 
 
@@ -186,6 +246,7 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
         "start": None if start is None else {"monitor": checkpoint.monitor, "score": start[1], "kept": start_kept},
         "val": _stage_metrics(val, "val"),
         "test": _stage_metrics(test, "test"),
+        "by_batch": batch_report({"val": val, "test": test}, datamodule, module.batch_levels),
     }
     if "knn" in module.scored:
         metrics["knn_smoothing_k"] = module.extra_baselines.knn_k

@@ -28,7 +28,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from exprae.constants import INDEX_KEY, LABEL_KEY, TARGET_KEY, X_KEY
+from exprae.constants import BATCH_KEY, INDEX_KEY, LABEL_KEY, TARGET_KEY, X_KEY
 from exprae.data.preprocessing import Preprocessing
 from exprae.data.streaming_stats import fit_streaming
 from exprae.errors import ConfigError, DataError, MissingKeyError
@@ -265,8 +265,16 @@ class BufferSampler(Sampler[np.ndarray]):
 class BufferDataset(Dataset):
     """Reads and preprocesses one buffer; the key is the buffer's sorted file rows (map-style, so workers help)."""
 
-    def __init__(self, cells: BackedCells, *, split_rows: np.ndarray, label_codes: np.ndarray | None) -> None:
+    def __init__(
+        self,
+        cells: BackedCells,
+        *,
+        split_rows: np.ndarray,
+        label_codes: np.ndarray | None,
+        batch_codes: np.ndarray | None = None,
+    ) -> None:
         self.cells, self.split_rows, self.label_codes = cells, np.asarray(split_rows), label_codes
+        self.batch_codes = batch_codes  # file rows x covariates
 
     def __len__(self) -> int:
         return len(self.split_rows)
@@ -277,6 +285,7 @@ class BufferDataset(Dataset):
             # Position within the split, the same INDEX_KEY meaning as the in-memory path.
             "index": np.searchsorted(self.split_rows, rows),
             "labels": None if self.label_codes is None else self.label_codes[rows],
+            "batches": None if self.batch_codes is None else self.batch_codes[rows],
         }
 
 
@@ -338,6 +347,8 @@ class BufferedBatchLoader:
         batch = {X_KEY: x, TARGET_KEY: x, INDEX_KEY: torch.from_numpy(buffer["index"][take])}
         if buffer["labels"] is not None:
             batch[LABEL_KEY] = torch.as_tensor(buffer["labels"][take], dtype=torch.long)
+        if buffer["batches"] is not None:
+            batch[BATCH_KEY] = torch.as_tensor(buffer["batches"][take], dtype=torch.long)
         return batch
 
 

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from exprae.constants import (
+    BATCH_KEY,
     INDEX_KEY,
     LABEL_KEY,
     LIBRARY_KEY,
@@ -81,6 +82,7 @@ class CellDataset(Dataset):
         *,
         target: np.ndarray | sp.spmatrix | None = None,
         labels: np.ndarray | None = None,
+        batches: np.ndarray | None = None,
         truth: np.ndarray | sp.spmatrix | None = None,
         library: np.ndarray | None = None,
         size_factor: np.ndarray | None = None,
@@ -94,6 +96,8 @@ class CellDataset(Dataset):
             )
         )
         self.labels = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        # Covariate codes, cells x covariates (exprae.data.covariates).
+        self.batches = None if batches is None else torch.as_tensor(np.asarray(batches), dtype=torch.long)
         self.truth = (
             None
             if truth is None
@@ -124,6 +128,8 @@ class CellDataset(Dataset):
         }
         if self.labels is not None:
             batch[LABEL_KEY] = self.labels[rows]
+        if self.batches is not None:
+            batch[BATCH_KEY] = self.batches[rows]
         if self.truth is not None:
             batch[TRUTH_KEY] = self._dense(self.truth, rows)
         for key, v in self.per_cell.items():

@@ -37,6 +37,7 @@ from exprae.data.backed import (
     read_obs,
 )
 from exprae.data.batching import CellBatchSampler, CellDataset, batch_loader
+from exprae.data.covariates import Covariates, batch_keys, encode
 from exprae.data.datasets import load_builtin
 from exprae.data.preprocessing import Preprocessing
 from exprae.data.split import split_cells
@@ -75,6 +76,7 @@ class ExpressionDataModule(pl.LightningDataModule):
         batch_seed: int | None = 0,
         stratify_key: str | None = None,
         label_key: str | None = None,
+        batch_key: str | list[str] | None = None,
         batch_size: int = 128,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -109,6 +111,9 @@ class ExpressionDataModule(pl.LightningDataModule):
             batch_seed = int(np.random.SeedSequence().generate_state(1, dtype=np.uint64)[0] >> 1)
         self.batch_seed = int(batch_seed)
         self.stratify_key, self.label_key = stratify_key, label_key
+        # Categorical covariates (exprae.data.covariates): encoded once on all cells at setup.
+        self.batch_keys = batch_keys(batch_key)
+        self.covariates: Covariates | None = None
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.synthetic = dict(synthetic or {})
         from exprae.data.device import check_on_device
@@ -175,6 +180,7 @@ class ExpressionDataModule(pl.LightningDataModule):
                 stacklevel=2,
             )
         self._split(adata.obs, what)
+        self._encode_covariates(adata.obs, what)
         processed = self.preprocess.per_cell(adata)
         self.preprocess.fit(processed[self.splits["train"]])
         self.adata = self.preprocess.transform(adata)
@@ -211,6 +217,11 @@ class ExpressionDataModule(pl.LightningDataModule):
                 f"data.batch_size={self.batch_size} is larger than the {len(self.splits['train'])} training cells"
             )
 
+    def _encode_covariates(self, obs: pd.DataFrame, what: str) -> None:
+        """Encode the ``data.batch_key`` columns of all cells (their levels fixed here, before any training)."""
+        if self.batch_keys:
+            self.covariates = encode(obs, self.batch_keys, what=what)
+
     def _setup_backed(self) -> None:
         """data.backed=true: obs in memory, matrix on disk; checks and preprocessing fit in one streaming pass."""
         if self.path is None:
@@ -236,6 +247,7 @@ class ExpressionDataModule(pl.LightningDataModule):
             dup = cells.var_names[cells.var_names.duplicated()].unique()[:5].tolist()
             raise DataError(f"{what} has duplicated gene names, e.g. {dup}; run adata.var_names_make_unique()")
         self._split(obs, what)
+        self._encode_covariates(obs, what)
         n_empty = 0
 
         def check(x: Any, rows: np.ndarray) -> None:
@@ -320,21 +332,40 @@ class ExpressionDataModule(pl.LightningDataModule):
             sub.X,
             target=sub.layers.get(TARGET_LAYER),
             labels=labels,
+            batches=self.split_batch_codes(split),
             truth=sub.layers.get(TRUTH_KEY),
             library=obs.get(LIBRARY_OBS),
             size_factor=obs.get(SIZE_FACTOR_OBS),
         )
 
-    def train_chunks(self, chunk_size: int = 4096) -> Iterator[torch.Tensor]:
-        """Dense float32 chunks of the training cells, for fitting baselines and PCA initialisation."""
+    @property
+    def n_batches(self) -> list[int]:
+        """Levels of each covariate (empty without ``data.batch_key``): the network's covariate input sizes."""
+        return [] if self.covariates is None else self.covariates.n_levels
+
+    def split_batch_codes(self, split: str) -> np.ndarray | None:
+        """Covariate codes (cells x keys) of one split's cells, in the split's order; None without covariates."""
+        return None if self.covariates is None else self.covariates.codes_nk[self.splits[split]]
+
+    def train_chunks(
+        self, chunk_size: int = 4096, *, with_batches: bool = False
+    ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+        """Dense float32 chunks of the training cells, for fitting baselines and PCA initialisation.
+
+        With ``with_batches`` and covariates each chunk is ``(x_ng, batch_n)``: the cells and their batch codes
+        (first covariate).
+        """
+        size = chunk_size
         if self.backed_cells is not None:
             # Streamed data: chunks no larger than a shuffle buffer, so this pass stays within the same memory.
-            buffer = buffer_cells(chunk_size=self.chunk_size, buffer_chunks=self.buffer_chunks, batch_size=1)
-            yield from self.backed_cells.dense_chunks(self.splits["train"], chunk_size=min(chunk_size, buffer))
-            return
-        data = self.split_dataset("train")
-        for start in range(0, len(data), chunk_size):
-            yield data[np.arange(start, min(start + chunk_size, len(data)))][X_KEY]
+            size = min(size, buffer_cells(chunk_size=self.chunk_size, buffer_chunks=self.buffer_chunks, batch_size=1))
+            chunks = self.backed_cells.dense_chunks(self.splits["train"], chunk_size=size)
+        else:
+            data = self.split_dataset("train")
+            chunks = (data[np.arange(s, min(s + size, len(data)))][X_KEY] for s in range(0, len(data), size))
+        codes = self.split_batch_codes("train") if with_batches else None
+        for i, x_ng in enumerate(chunks):
+            yield x_ng if codes is None else (x_ng, torch.from_numpy(codes[i * size : i * size + len(x_ng), 0]))
 
     def split_chunks(self, split: str, chunk_size: int = 4096) -> Iterator[dict[str, torch.Tensor]]:
         """Dense dict batches of one split's cells in row order, for scoring outside the training loop."""
@@ -404,7 +435,8 @@ class ExpressionDataModule(pl.LightningDataModule):
             rank=rank,
             pad=shuffle,
         )
-        dataset = BufferDataset(self.backed_cells, split_rows=rows, label_codes=codes)
+        batches = None if self.covariates is None else self.covariates.codes_nk
+        dataset = BufferDataset(self.backed_cells, split_rows=rows, label_codes=codes, batch_codes=batches)
         return BufferedBatchLoader(
             dataset, sampler, batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory
         )
@@ -433,6 +465,8 @@ class ExpressionDataModule(pl.LightningDataModule):
             "preprocess": self.preprocess.to_dict(),
             "label_key": self.label_key,
             "label_categories": self.label_categories,
+            # Covariate levels in code order (exprae.data.covariates): a model's one-hot inputs follow this order.
+            "batch_categories": None if self.covariates is None else self.covariates.categories,
         }
 
     def split_table(self) -> pd.DataFrame:

@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from exprae.constants import INDEX_KEY, LABEL_KEY, TARGET_KEY, TRUTH_KEY, X_KEY
+from exprae.constants import BATCH_KEY, INDEX_KEY, LABEL_KEY, TARGET_KEY, TRUTH_KEY, X_KEY
 from exprae.data.batching import CellBatchSampler, CellDataset
 
 log = logging.getLogger(__name__)
@@ -119,12 +119,14 @@ class DeviceBatches:
         sampler: CellBatchSampler,
         target: DeviceMatrix | None = None,
         labels_n: torch.Tensor | None = None,
+        batches_nk: torch.Tensor | None = None,
         truth: DeviceMatrix | None = None,
     ) -> None:
         if sampler.n_cells != x.shape[0]:
             raise ValueError(f"sampler covers {sampler.n_cells} cells but the matrix has {x.shape[0]}")
         self.x, self.target, self.truth, self.sampler = x, target, truth, sampler
         self.labels_n = None if labels_n is None else labels_n.to(x.device)
+        self.batches_nk = None if batches_nk is None else batches_nk.to(x.device)
         self.device = x.device
 
     @classmethod
@@ -137,6 +139,7 @@ class DeviceBatches:
             sampler=sampler,
             target=None if dataset.target is None else DeviceMatrix(dataset.target, device=device),
             labels_n=dataset.labels,
+            batches_nk=dataset.batches,
             truth=None if dataset.truth is None else DeviceMatrix(dataset.truth, device=device),
         )
 
@@ -153,6 +156,8 @@ class DeviceBatches:
         }
         if self.labels_n is not None:
             batch[LABEL_KEY] = self.labels_n.index_select(0, idx_b)
+        if self.batches_nk is not None:
+            batch[BATCH_KEY] = self.batches_nk.index_select(0, idx_b)
         if self.truth is not None:
             batch[TRUTH_KEY] = self.truth.rows(idx_b)
         return batch
@@ -174,7 +179,9 @@ def resident_nbytes(dataset: CellDataset) -> int:
     for m in (dataset.target, dataset.truth):
         if m is not None:
             total += matrix_nbytes(m)
-    return total + (0 if dataset.labels is None else 8 * len(dataset))
+    per_cell = 0 if dataset.labels is None else 8
+    per_cell += 0 if dataset.batches is None else 8 * dataset.batches.shape[1]
+    return total + per_cell * len(dataset)
 
 
 def fits_on_device(nbytes: int, device: torch.device, *, fraction: float = AUTO_MEMORY_FRACTION) -> bool:

@@ -20,6 +20,12 @@ run used ``n_top_genes``), after the run's normalisation, log and scaling. ``emb
   outside the model's genes or for a gene constant in these cells;
 * ``uns["{key}"]``: the settings, model and gene bookkeeping.
 
+A model trained with ``data.batch_key`` reads each cell's covariate levels from the same obs columns (a level
+it was not trained with is an error listing the known ones). ``transform_batch="ctrl"`` writes the
+counterfactual reconstruction instead: every cell encoded with its own batch and decoded as if measured in
+``ctrl`` (scVI's ``transform_batch``); the per-cell and per-gene scores still compare each cell's own
+reconstruction with its input.
+
 ``ExpraeModel.transform`` returns the preprocessed input itself, the "true" side of every comparison.
 """
 
@@ -37,6 +43,7 @@ import scipy.sparse as sp
 import torch
 
 from exprae.data import check_matrix, select_matrix
+from exprae.data.covariates import level_code, recode
 from exprae.data.preprocessing import Preprocessing
 from exprae.inference.splits import gene_r_cells, split_counts, split_marks
 from exprae.nn import AutoEncoder
@@ -74,6 +81,7 @@ class ExpraeModel:
         run_dir: Path,
         checkpoint: Path,
         loss: str,
+        batch_categories: dict[str, list[str]] | None = None,
     ) -> None:
         if preprocess.genes is None or len(preprocess.genes) != net.n_genes:
             raise ValueError(
@@ -87,6 +95,8 @@ class ExpraeModel:
         self.run_dir = run_dir
         self.checkpoint = checkpoint
         self.loss = loss
+        # Covariate levels in code order (data.batch_key at training); empty without covariates.
+        self.batch_categories = dict(batch_categories or {})
 
     @property
     def var_names(self) -> list[str]:
@@ -223,12 +233,14 @@ def load(path: str | Path, *, device: str | torch.device = "auto") -> ExpraeMode
 
     config = _read_run_config(run_dir)
     _check_targets(config["model"], "model")
-    model_cfg = {k: v for k, v in config["model"].items() if k not in ("_target_", "n_genes")}
+    model_cfg = {k: v for k, v in config["model"].items() if k not in ("_target_", "n_genes", "n_batches")}
     target = config["model"].get("_target_", "exprae.nn.AutoEncoder")
     if target != "exprae.nn.AutoEncoder":
         raise ValueError(f"exprae.load knows how to rebuild exprae.nn.AutoEncoder, not {target!r}")
-    net = AutoEncoder(len(preprocess.genes), **model_cfg)
-    baselines = Baselines(net.n_genes, net.latent_dim)
+    batch_categories = contract.get("batch_categories") or {}
+    n_batches = [len(levels) for levels in batch_categories.values()]
+    net = AutoEncoder(len(preprocess.genes), **model_cfg, n_batches=n_batches)
+    baselines = Baselines(net.n_genes, net.latent_dim, n_batches=n_batches[0] if n_batches else 0)
 
     state = _read_state_dict(checkpoint)
     if any(k.startswith(("net.count_head.", "input_view.")) for k in state):
@@ -260,6 +272,7 @@ def load(path: str | Path, *, device: str | torch.device = "auto") -> ExpraeMode
         run_dir=run_dir,
         checkpoint=checkpoint,
         loss=loss,
+        batch_categories=batch_categories,
     )
     return model.to(_resolve_device(device))
 
@@ -391,19 +404,24 @@ def embed(
     batch_size: int = 1024,
     allow_missing_genes: bool = False,
     baselines: bool = False,
+    transform_batch: str | None = None,
     copy: bool = False,
 ) -> ad.AnnData:
     """Encode and reconstruct every cell of ``adata``; write the results where scanpy users look.
 
     ``layer=None`` reads the matrix the model was trained on (its contract's layer); genes are matched by
     name, so their order does not matter. ``baselines=True`` also writes the per-cell cosine of the mean-profile
-    and PCA baselines (``obs["{key}_meanprofile_cosine"]``, ``obs["{key}_pca_cosine"]``). Returns ``adata``
+    and PCA baselines (``obs["{key}_meanprofile_cosine"]``, ``obs["{key}_pca_cosine"]``). A model trained with
+    covariates reads them from ``adata.obs``; ``transform_batch`` (a level of the batch) makes
+    ``layers["{key}_recon"]`` the counterfactual: each cell decoded as if from that batch. Returns ``adata``
     (modified in place) or, with ``copy=True``, a modified copy.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     if not key_added or not isinstance(key_added, str):
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}")
+    target_code = None if transform_batch is None else level_code(model.batch_categories, transform_batch)
+    batch_nk = recode(adata.obs, model.batch_categories, what="the data") if model.batch_categories else None
     adata = adata.copy() if copy else adata
     source = _InputMatrix.from_adata(model, adata, layer=layer, allow_missing_genes=allow_missing_genes)
     device = model.device
@@ -427,13 +445,19 @@ def embed(
         for rows in _row_blocks(adata.n_obs, batch_size):
             x = source.preprocessed(rows).X
             x_ng = torch.from_numpy(x.toarray() if sp.issparse(x) else np.ascontiguousarray(x)).to(device)
-            out = model.net(x_ng)
+            codes_nk = None if batch_nk is None else torch.from_numpy(batch_nk[rows]).to(device)
+            out = model.net(x_ng, codes_nk)
             recon_ng = out["recon"].float()
+            written_ng = recon_ng
+            if target_code is not None:  # the counterfactual: encoded as measured, decoded as if from one batch
+                as_target_nk = codes_nk.clone()
+                as_target_nk[:, 0] = target_code
+                written_ng = model.net(x_ng, codes_nk, decode_batch_nk=as_target_nk)["recon"].float()
             scores = per_cell_metrics(recon_ng[:, present_g], x_ng[:, present_g])
             cell["cosine"][rows] = scores["cosine"].cpu().numpy()
             cell["mse"][rows] = scores["mse"].cpu().numpy()
             if baselines:
-                for who, base_ng in model.baselines(x_ng).items():
+                for who, base_ng in model.baselines(x_ng).items():  # the plain baselines, as without covariates
                     name = "meanprofile_cosine" if who == "mean" else f"{who}_cosine"
                     cell[name][rows] = (
                         per_cell_metrics(base_ng[:, present_g], x_ng[:, present_g])["cosine"].cpu().numpy()
@@ -441,7 +465,7 @@ def embed(
             keep = torch.as_tensor(gene_r_rows[rows], device=device)
             gene_r.update(x_ng[keep][:, present_g], recon_ng[keep][:, present_g])
             z_nk[rows] = out["z"].float().cpu().numpy()
-            recon[np.ix_(rows, dest[written])] = recon_ng[:, torch.as_tensor(written, device=device)].cpu().numpy()
+            recon[np.ix_(rows, dest[written])] = written_ng[:, torch.as_tensor(written, device=device)].cpu().numpy()
 
     r_model = np.full(len(genes), np.nan, dtype=np.float32)
     r_model[source.present_g] = gene_r.compute()
@@ -457,6 +481,9 @@ def embed(
     adata.obs[f"{key_added}_split"] = splits_n
     adata.uns[key_added]["n_cells_per_split"] = split_counts(splits_n)
     adata.uns[key_added]["gene_r_cells"] = gene_r_covers
+    if model.batch_categories:
+        adata.uns[key_added]["batch_keys"] = list(model.batch_categories)
+        adata.uns[key_added]["transform_batch"] = "" if transform_batch is None else str(transform_batch)
     return adata
 
 

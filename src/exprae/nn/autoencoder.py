@@ -13,6 +13,21 @@ data, log data and raw counts in the thousands (on counts, without it, the resid
 the PCA reconstruction and can only move away from it where the loss improves, which is why the default
 model does not end below the PCA baseline. ``init="random"`` is the classic MLP autoencoder (no linear path).
 
+With covariates (``n_batches``: the number of levels of each categorical covariate, e.g. sample or condition,
+served as integer codes ``batch_nk``) the decoder always receives them, one-hot, next to ``z`` (scVI's
+``batch_key``), and with ``encode_covariates`` the encoder too. The first covariate (the batch) also has a
+per-level centre ``Δ_b`` in the linear path:
+
+    z     = W (x − μ − Δ_b)    + f_enc((x − μ) / σ, c)
+    x_hat = Wᵀ z + μ + Δ_b     + σ ⊙ f_dec(z, c)
+
+The one-hot inputs feed the residual MLPs, whose last layers start at zero, so they change nothing at step 0;
+``Δ`` starts at zero (the start is then exactly PCA) unless :meth:`AutoEncoder.init_from_pca` is given the
+per-batch centres of a PCA fitted on per-batch-centred cells, when the start is exactly that per-batch PCA.
+Without ``encode_covariates`` the encoder cannot centre per batch, so ``Δ`` is only added by the decoder.
+Decoding with other codes than the cell's own (:meth:`AutoEncoder.forward`'s ``decode_batch_nk``) is the
+counterfactual "this cell as if measured in batch b" (scVI's ``transform_batch``).
+
 With a ``count_head`` (declared by a count likelihood, see :mod:`exprae.nn.count_head`) ``x_hat`` is read as per-gene
 logits: the network returns log proportions ``log_rho`` (softmax over genes) and the dispersion / dropout /
 log-library outputs the loss needs instead of ``recon``; the PCA path then feeds the logits.
@@ -89,8 +104,15 @@ class AutoEncoder(nn.Module):
         input_dropout: float = 0.0,
         init: Init = "pca",
         count_head: CountHeadSpec | Mapping[str, Any] | None = None,
+        n_batches: Sequence[int] | None = None,
+        encode_covariates: bool = True,
     ) -> None:
         super().__init__()
+        self.n_batches = tuple(int(n) for n in (n_batches or ()))
+        if any(n < 1 for n in self.n_batches):
+            raise ConfigError(f"n_batches must list a positive number of levels per covariate, got {list(n_batches)}")
+        self.encode_covariates = bool(encode_covariates) and bool(self.n_batches)
+        n_cov = sum(self.n_batches)
         if int(n_genes) < 1:
             raise ConfigError(f"n_genes must be positive, got {n_genes}")
         if int(latent_dim) < 1:
@@ -105,19 +127,22 @@ class AutoEncoder(nn.Module):
         hidden = [int(h) for h in hidden_dims]
         kw = {"activation": activation, "norm": norm, "dropout": dropout}
         self.input_dropout = nn.Dropout(input_dropout) if input_dropout > 0 else nn.Identity()
-        self.encoder = mlp([self.n_genes, *hidden, self.latent_dim], **kw)
-        self.decoder = mlp([self.latent_dim, *reversed(hidden), self.n_genes], **kw)
+        n_cov_in = n_cov if self.encode_covariates else 0
+        self.encoder = mlp([self.n_genes + n_cov_in, *hidden, self.latent_dim], **kw)
+        self.decoder = mlp([self.latent_dim + n_cov, *reversed(hidden), self.n_genes], **kw)
         if init == "pca":
             self.linear_encoder = nn.Linear(self.n_genes, self.latent_dim)
             self.linear_decoder = nn.Linear(self.latent_dim, self.n_genes)
             self.register_buffer("center_g", torch.zeros(self.n_genes))
             self.register_buffer("scale_g", torch.ones(self.n_genes))
+            # Per-level centre of the first covariate in the linear path (see the module docstring).
+            self.batch_center_bg = nn.Parameter(torch.zeros(self.n_batches[0], self.n_genes)) if n_cov else None
             # Residual branches start at zero, so the network starts as its linear (PCA) path.
             for branch in (self.encoder, self.decoder):
                 nn.init.zeros_(branch[-1].weight)
                 nn.init.zeros_(branch[-1].bias)
         else:
-            self.linear_encoder = self.linear_decoder = None
+            self.linear_encoder = self.linear_decoder = self.batch_center_bg = None
         self.count_head = None
         if count_head is not None:
             self.count_head = CountHead(
@@ -134,11 +159,14 @@ class AutoEncoder(nn.Module):
         components_kg: torch.Tensor,
         *,
         variance_g: torch.Tensor | None = None,
+        batch_center_bg: torch.Tensor | None = None,
     ) -> None:
         """Set the linear path to the PCA projection ``W(x − μ)`` and its transpose ``Wᵀz + μ``.
 
         ``variance_g``, each gene's variance in the training cells, sets the units of the residual branches;
-        without it they work in the data's own units.
+        without it they work in the data's own units. ``batch_center_bg`` (levels x genes, each batch's centre
+        minus ``μ``; needs ``encode_covariates``) starts the network at a PCA of per-batch-centred cells;
+        without it the per-batch centres start at zero.
         """
         if self.linear_encoder is None:
             raise RuntimeError("init_from_pca needs an AutoEncoder built with init='pca'")
@@ -154,34 +182,72 @@ class AutoEncoder(nn.Module):
         self.linear_decoder.weight.copy_(w.T)
         self.linear_decoder.bias.copy_(mu)
         self.center_g.copy_(mu)
+        if self.batch_center_bg is not None:
+            self.batch_center_bg.zero_()
+        if batch_center_bg is not None:
+            if not self.encode_covariates:
+                raise ValueError("per-batch centres need the encoder to see the batch: encode_covariates=True")
+            self.batch_center_bg.copy_(batch_center_bg.to(mu))
         sd_g = torch.ones_like(self.scale_g) if variance_g is None else variance_g.to(mu).clamp_min(0.0).sqrt()
         # A gene constant in the training cells gets the typical sd rather than a residual fixed at 0.
         typical = sd_g[sd_g > 0].mean() if bool((sd_g > 0).any()) else torch.ones((), device=sd_g.device)
         self.scale_g.copy_(torch.where(sd_g > 0, sd_g, typical))
 
-    def encode(self, x_ng: torch.Tensor) -> torch.Tensor:
-        """Latent code ``z_nk`` of each cell."""
+    def covariates(self, batch_nk: torch.Tensor | None) -> torch.Tensor | None:
+        """The covariate codes of each cell (cells x covariates) as concatenated one-hot columns."""
+        if not self.n_batches:
+            return None
+        if batch_nk is None:
+            raise ValueError(
+                f"this network was trained with {len(self.n_batches)} covariate(s) (levels {list(self.n_batches)}); "
+                "pass each cell's integer codes as batch_nk"
+            )
+        batch_nk = batch_nk.reshape(batch_nk.shape[0], -1).long()
+        if batch_nk.shape[1] != len(self.n_batches):
+            raise ValueError(f"batch_nk has {batch_nk.shape[1]} covariate columns, the network {len(self.n_batches)}")
+        parts = [nn.functional.one_hot(batch_nk[:, i], n) for i, n in enumerate(self.n_batches)]
+        return torch.cat(parts, dim=1).float()
+
+    def _center(self, c_nb: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | int:
+        """Each cell's batch centre ``Δ_b`` (genes), from the one-hot columns of the first covariate."""
+        if self.batch_center_bg is None or c_nb is None:
+            return 0
+        return c_nb[:, : self.n_batches[0]].to(like) @ self.batch_center_bg.to(like)
+
+    def encode(self, x_ng: torch.Tensor, batch_nk: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent code ``z_nk`` of each cell (``batch_nk``: its covariate codes, when the network has them)."""
         x_ng = self.input_dropout(x_ng)
+        c_nb = self.covariates(batch_nk) if self.encode_covariates else None
         if self.linear_encoder is None:
-            return self.encoder(x_ng)
+            return self.encoder(_with(x_ng, c_nb))
         standard_ng = (x_ng - self.center_g) / self.scale_g
-        return self.linear_encoder(x_ng) + self.encoder(standard_ng)
+        return self.linear_encoder(x_ng - self._center(c_nb, x_ng)) + self.encoder(_with(standard_ng, c_nb))
 
-    def decode(self, z_nk: torch.Tensor) -> torch.Tensor:
-        """Reconstructed profile ``x_hat_ng`` from latent codes."""
-        return self._decode_with_hidden(z_nk)[1]
+    def decode(self, z_nk: torch.Tensor, batch_nk: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstructed profile ``x_hat_ng`` from latent codes (as if from batch ``batch_nk``)."""
+        return self._decode_with_hidden(z_nk, self.covariates(batch_nk))[1]
 
-    def _decode_with_hidden(self, z_nk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_with_hidden(self, z_nk: torch.Tensor, c_nb: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's last hidden layer ``h_nh`` (the count head's input) and its output ``x_hat_ng``."""
+        h_nh = self.decoder[:-1](_with(z_nk, c_nb))
         if self.linear_decoder is None:
-            h_nh = self.decoder[:-1](z_nk)
             return h_nh, self.decoder[-1](h_nh)
-        h_nh = self.decoder[:-1](z_nk)
-        return h_nh, self.linear_decoder(z_nk) + self.scale_g * self.decoder[-1](h_nh)
+        linear_ng = self.linear_decoder(z_nk) + self._center(c_nb, z_nk)
+        return h_nh, linear_ng + self.scale_g * self.decoder[-1](h_nh)
 
-    def forward(self, x_ng: torch.Tensor) -> dict[str, torch.Tensor]:
-        z_nk = self.encode(x_ng)
+    def forward(
+        self, x_ng: torch.Tensor, batch_nk: torch.Tensor | None = None, *, decode_batch_nk: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Encode with each cell's own covariates ``batch_nk``; decode with ``decode_batch_nk`` when given
+        (the counterfactual: every cell as if from those batches), else with its own."""
+        z_nk = self.encode(x_ng, batch_nk)
+        c_nb = self.covariates(batch_nk if decode_batch_nk is None else decode_batch_nk)
         if self.count_head is None:
-            return {"z": z_nk, "recon": self.decode(z_nk)}
-        h_nh, logits_ng = self._decode_with_hidden(z_nk)
+            return {"z": z_nk, "recon": self._decode_with_hidden(z_nk, c_nb)[1]}
+        h_nh, logits_ng = self._decode_with_hidden(z_nk, c_nb)
         return {"z": z_nk, **self.count_head(logits_ng, h_nh, x_ng)}
+
+
+def _with(x_nd: torch.Tensor, c_nb: torch.Tensor | None) -> torch.Tensor:
+    """``x_nd`` with the covariate columns appended (unchanged without covariates)."""
+    return x_nd if c_nb is None else torch.cat([x_nd, c_nb.to(x_nd)], dim=1)

@@ -4,6 +4,10 @@ Both are scored on the same held-out cells as the model, so a user sees whether 
 good (better than PCA) or bad (worse than predicting every cell as the average cell). Opt-in, the baselines
 a methods reviewer asks for: spherical PCA (PCA of L2-normalised cells, the linear baseline for a cosine
 score), kNN smoothing (the mean of a cell's nearest training cells) and the cell-type centroid.
+
+With a batch covariate (``n_batches`` levels) there are also the per-batch variants a model that is told the
+batch must beat: each cell reconstructed as its own batch's training mean (``batch_mean``), and PCA fitted on
+per-batch-centred training cells, projecting a cell around its batch's mean (``batch_pca``).
 """
 
 from __future__ import annotations
@@ -24,21 +28,45 @@ class PCAFit(NamedTuple):
     variance_g: torch.Tensor  # of each gene
 
 
+class BatchPCAFit(NamedTuple):
+    """A PCA of per-batch-centred training cells: each batch's mean, the components, cells per batch."""
+
+    mean_bg: torch.Tensor
+    components_kg: torch.Tensor
+    n_b: torch.Tensor
+
+
 def fit_pca(chunks: Iterable[torch.Tensor], n_components: int) -> PCAFit:
     """Fit PCA in one streaming pass over dense cell chunks.
 
     Accumulates the gene covariance in float64 and eigendecomposes it, so the memory is genes x genes
     whatever the number of cells, and sparse data only needs to be densified one chunk at a time.
     """
-    n, sum_g, gram_gg = 0, None, None
-    for x_ng in chunks:
+    return fit_pcas(((x_ng, None) for x_ng in chunks), n_components, n_batches=0)[0]
+
+
+def fit_pcas(
+    chunks: Iterable[tuple[torch.Tensor, torch.Tensor | None]], n_components: int, *, n_batches: int
+) -> tuple[PCAFit, BatchPCAFit | None]:
+    """The plain PCA and (with ``n_batches`` > 0) the per-batch-centred PCA, in one pass over
+    ``(x_ng, batch_n)`` chunks (``batch_n``: each cell's batch code in ``0..n_batches-1``).
+
+    A batch without training cells gets the global mean as its centre.
+    """
+    n, sum_g, gram_gg, sum_bg = 0, None, None, None
+    for x_ng, batch_n in chunks:
         x = x_ng.double()
         if sum_g is None:
             sum_g = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
             gram_gg = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            sum_bg = torch.zeros(n_batches, x.shape[1], dtype=torch.float64, device=x.device)
+            n_b = torch.zeros(n_batches, dtype=torch.float64, device=x.device)
         n += x.shape[0]
         sum_g += x.sum(0)
         gram_gg += x.T @ x
+        if n_batches:
+            sum_bg.index_add_(0, batch_n.long().to(x.device), x)
+            n_b += torch.bincount(batch_n.long().to(x.device), minlength=n_batches).double()
     if n < 2:
         raise ValueError(f"PCA needs at least 2 training cells, got {n}")
     n_genes = sum_g.shape[0]
@@ -48,31 +76,58 @@ def fit_pca(chunks: Iterable[torch.Tensor], n_components: int) -> PCAFit:
         )
     mean_g = sum_g / n
     cov_gg = (gram_gg - n * torch.outer(mean_g, mean_g)) / (n - 1)
+    plain = PCAFit(mean_g.float(), _top_components(cov_gg, n_components), cov_gg.diagonal().clamp_min(0.0).float())
+    if not n_batches:
+        return plain, None
+    seen = n_b > 0
+    mean_bg = torch.where(seen[:, None], sum_bg / n_b.clamp_min(1)[:, None], mean_g)
+    # Within-batch scatter: the Gram matrix minus each batch's n_b μ_b μ_bᵀ, over the pooled degrees of freedom.
+    within_gg = gram_gg - (mean_bg[seen].T * n_b[seen]) @ mean_bg[seen]
+    dof = max(n - int(seen.sum()), 1)
+    batched = BatchPCAFit(mean_bg.float(), _top_components(within_gg / dof, n_components), n_b.float())
+    return plain, batched
+
+
+def _top_components(cov_gg: torch.Tensor, n_components: int) -> torch.Tensor:
+    """The leading eigenvectors of a covariance, as rows, with a reproducible sign."""
     _, eigvecs = torch.linalg.eigh(cov_gg)  # ascending
     components_kg = eigvecs[:, -n_components:].flip(-1).T.contiguous()
     # Fix the sign (largest-magnitude loading positive) so the fit is reproducible across platforms.
     sign_k = torch.sign(components_kg.gather(1, components_kg.abs().argmax(1, keepdim=True)))
-    components_kg = components_kg * sign_k
-    return PCAFit(mean_g.float(), components_kg.float(), cov_gg.diagonal().clamp_min(0.0).float())
+    return (components_kg * sign_k).float()
 
 
 class Baselines(nn.Module):
-    """Mean-profile and PCA reconstructions, kept as buffers so they travel with the checkpoint."""
+    """Mean-profile and PCA reconstructions, kept as buffers so they travel with the checkpoint.
 
-    def __init__(self, n_genes: int, n_components: int) -> None:
+    With ``n_batches`` > 0 also the per-batch mean profile and the per-batch-centred PCA (``forward`` returns
+    them when it is given each cell's batch code).
+    """
+
+    def __init__(self, n_genes: int, n_components: int, n_batches: int = 0) -> None:
         super().__init__()
+        self.n_batches = int(n_batches)
         self.register_buffer("mean_g", torch.zeros(n_genes))
         self.register_buffer("components_kg", torch.zeros(n_components, n_genes))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
         # Each gene's variance in the training cells: the units of the network's residual branches.
         self.register_buffer("variance_g", torch.ones(n_genes))
+        if self.n_batches:
+            self.register_buffer("batch_mean_bg", torch.zeros(self.n_batches, n_genes))
+            self.register_buffer("batch_components_kg", torch.zeros(n_components, n_genes))
+            self.register_buffer("batch_n_b", torch.zeros(self.n_batches))
 
-    def fit(self, chunks: Iterable[torch.Tensor]) -> Baselines:
-        """Fit both baselines on training-cell chunks."""
-        fit = fit_pca(chunks, self.components_kg.shape[0])
-        self.mean_g.copy_(fit.mean_g)
-        self.components_kg.copy_(fit.components_kg)
-        self.variance_g.copy_(fit.variance_g)
+    def fit(self, chunks: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]) -> Baselines:
+        """Fit the baselines on training-cell chunks: ``x_ng``, or ``(x_ng, batch_n)`` with batches."""
+        pairs = (c if isinstance(c, tuple) else (c, None) for c in chunks)
+        plain, batched = fit_pcas(pairs, self.components_kg.shape[0], n_batches=self.n_batches)
+        self.mean_g.copy_(plain.mean_g)
+        self.components_kg.copy_(plain.components_kg)
+        self.variance_g.copy_(plain.variance_g)
+        if batched is not None:
+            self.batch_mean_bg.copy_(batched.mean_bg)
+            self.batch_components_kg.copy_(batched.components_kg)
+            self.batch_n_b.copy_(batched.n_b)
         self.fitted.fill_(True)
         return self
 
@@ -86,8 +141,22 @@ class Baselines(nn.Module):
         mean_g = self.mean_g.to(x_ng.dtype)
         return (x_ng - mean_g) @ w_kg.T @ w_kg + mean_g
 
-    def forward(self, x_ng: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"mean": self.mean_profile(x_ng), "pca": self.pca(x_ng)}
+    def latents(self, x_ng: torch.Tensor, batch_n: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The PCA scores of each cell (and, with batches, its per-batch-centred PCA scores)."""
+        out = {"pca": (x_ng - self.mean_g.to(x_ng.dtype)) @ self.components_kg.to(x_ng.dtype).T}
+        if self.n_batches and batch_n is not None:
+            centred_ng = x_ng - self.batch_mean_bg.to(x_ng.dtype)[batch_n.long()]
+            out["batch_pca"] = centred_ng @ self.batch_components_kg.to(x_ng.dtype).T
+        return out
+
+    def forward(self, x_ng: torch.Tensor, batch_n: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out = {"mean": self.mean_profile(x_ng), "pca": self.pca(x_ng)}
+        if self.n_batches and batch_n is not None:
+            mean_ng = self.batch_mean_bg.to(x_ng.dtype)[batch_n.long()]
+            w_kg = self.batch_components_kg.to(x_ng.dtype)
+            out["batch_mean"] = mean_ng
+            out["batch_pca"] = (x_ng - mean_ng) @ w_kg.T @ w_kg + mean_ng
+        return out
 
 
 # ---------------------------------------------------------------- the baselines a methods reviewer asks for

@@ -139,3 +139,38 @@ def knn_label_accuracy(
         votes_cl = votes_cl + (onehot_ckl * sim_ck[..., None]).sum(dim=1) / (2 * k + 1)
         correct += int((votes_cl.argmax(dim=1) == y_q[start : start + chunk_size]).sum())
     return torch.tensor(correct / len(y_q))
+
+
+class PerBatchMetrics(Metric):
+    """Per-cell cosine, Pearson r and MSE averaged within each batch level (cells weighted equally).
+
+    ``compute()`` returns ``{"cosine", "pearson", "mse", "n_cells"}``, each a vector over the ``n_batches``
+    levels (NaN for a level without cells). Weighting each level's mean by its cells gives back the global
+    mean of :class:`ReconstructionMetrics`; sums are reduced with ``sum`` across processes, so it is exact
+    under DDP too.
+    """
+
+    full_state_update = False
+    higher_is_better = None
+    NAMES = ("cosine", "pearson", "mse")
+
+    def __init__(self, n_batches: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.n_batches = int(n_batches)
+        for name in (*self.NAMES, "n_cells"):
+            zeros = torch.zeros(self.n_batches, dtype=torch.float64)
+            self.add_state(f"sum_{name}", default=zeros, dist_reduce_fx="sum")
+
+    def update(self, pred_ng: torch.Tensor, target_ng: torch.Tensor, batch_n: torch.Tensor) -> None:
+        """Add a batch of cells with their batch codes ``batch_n``."""
+        values = per_cell_metrics(pred_ng, target_ng)
+        index = batch_n.long().to(self.sum_n_cells.device)
+        for name, v in (*values.items(), ("n_cells", torch.ones_like(values["cosine"]))):
+            total = torch.zeros_like(self.sum_n_cells).index_add_(0, index, v.detach().double())
+            setattr(self, f"sum_{name}", getattr(self, f"sum_{name}") + total)  # out of place, as above
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n_b = self.sum_n_cells
+        out = {name: (getattr(self, f"sum_{name}") / n_b).float() for name in self.NAMES}  # 0/0: NaN, no cells
+        out["n_cells"] = n_b.float()
+        return out

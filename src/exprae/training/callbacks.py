@@ -12,7 +12,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
-from exprae.constants import TARGET_KEY, X_KEY
+from exprae.constants import BATCH_KEY, TARGET_KEY, X_KEY
 from exprae.errors import ConfigError, TrainingDivergedError
 from exprae.losses import cosine_similarity
 from exprae.scoring import figures as plotting
@@ -178,7 +178,7 @@ class ReconstructionFigures(pl.Callback):
             return
         with torch.no_grad():
             x_ng = batch[X_KEY].float()
-            out = pl_module(x_ng)
+            out = pl_module(x_ng, batch.get(BATCH_KEY))
             # As the module scores it: count likelihoods are compared in the input's space, with the input.
             count_loss = getattr(pl_module, "count_loss", False)
             target_ng = (x_ng if count_loss else batch[TARGET_KEY]).float()

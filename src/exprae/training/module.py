@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from exprae.constants import (
+    BATCH_KEY,
     EXTRA_SCORES,
     INDEX_KEY,
     LABEL_KEY,
@@ -26,7 +27,7 @@ from exprae.nn import AutoEncoder
 from exprae.nn.baselines import BASELINE_NAMES, DEFAULT_BASELINES, BaselineName, Baselines, ExtraBaselines
 from exprae.nn.count_head import InputView, count_parameters, expected_counts
 from exprae.scoring.masking import hidden_entries
-from exprae.scoring.metrics import ReconstructionMetrics, knn_label_accuracy
+from exprae.scoring.metrics import PerBatchMetrics, ReconstructionMetrics, knn_label_accuracy
 from exprae.training.fast_step import (
     TrainStep,
     build_optimizer,
@@ -38,6 +39,7 @@ from exprae.training.fast_step import (
 log = logging.getLogger(__name__)
 
 EVAL_STAGES = ("val", "test")
+BATCH_SCORED = {"mean": "batch_mean", "pca": "batch_pca"}  # per-batch variants, scored with a batch covariate
 
 
 def scored_baselines(baselines: Sequence[str] | bool) -> tuple[str, ...]:
@@ -75,6 +77,11 @@ class AutoencoderModule(pl.LightningModule):
     latent codes (cosine, ``knn_k`` neighbours) within the stage's cells. Under DDP the validation and test
     cells are sharded across ranks, so each rank finds neighbours within its own shard and the logged value is
     the mean over ranks: an approximation of the single-process value (exact with one process).
+
+    When batches carry covariate codes (``data.batch_key``) the network gets them, the per-batch baselines
+    ``baseline/{batch_mean,batch_pca}/...`` are scored next to the plain ones, and cosine, Pearson and MSE are
+    also logged per level of the batch (the first covariate) as ``{stage}/batch/{level}/{name}`` (baselines:
+    ``baseline/{who}/{stage}/batch/{level}/{name}``); ``batch_levels`` names the levels in code order.
     """
 
     def __init__(
@@ -93,6 +100,7 @@ class AutoencoderModule(pl.LightningModule):
         compile: str = "none",
         mask_fraction: float = 0.0,
         mask_seed: int = 0,
+        batch_levels: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.net = net
@@ -123,8 +131,14 @@ class AutoencoderModule(pl.LightningModule):
         self.automatic_optimization = self.compile_mode != "graph"
         self._train_step: TrainStep | None = None
         self.start_state: dict[str, torch.Tensor] | None = None
+        n_batches = net.n_batches[0] if getattr(net, "n_batches", ()) else 0
+        self.batch_levels = [str(v) for v in (batch_levels or range(n_batches))]
+        if len(self.batch_levels) != n_batches:
+            raise ValueError(f"{len(self.batch_levels)} batch_levels for a network with {n_batches} batch levels")
+        if n_batches:  # next to the mean profile and PCA, their per-batch variants
+            self.scored += tuple(BATCH_SCORED[who] for who in ("mean", "pca") if who in self.scored)
         # Baselines are needed for the PCA start even when they are not reported.
-        self.baselines = Baselines(net.n_genes, net.latent_dim)
+        self.baselines = Baselines(net.n_genes, net.latent_dim, n_batches=n_batches)
         self.extra_baselines = ExtraBaselines(net.n_genes, net.latent_dim, self.scored, knn_k=knn_smoothing_k)
         self.metrics = nn.ModuleDict(
             {
@@ -133,6 +147,11 @@ class AutoencoderModule(pl.LightningModule):
                 for who in self.scored
                 for suffix in ("", *(f"_{extra}" for extra in EXTRA_SCORES))
             }
+        )
+        self.batch_metrics = nn.ModuleDict(
+            {f"{stage}_{who}": PerBatchMetrics(n_batches) for stage in EVAL_STAGES for who in self.scored}
+            if n_batches
+            else {}
         )
 
     # ------------------------------------------------------------------ set-up
@@ -143,13 +162,23 @@ class AutoencoderModule(pl.LightningModule):
             self.prepare_start(self.trainer.datamodule)
 
     def start_at_pca(self) -> None:
-        """Set the network's linear path (and residual units) from the fitted PCA baseline."""
+        """Set the network's linear path (and residual units) from the fitted PCA baseline.
+
+        A network whose encoder sees the batch starts at the per-batch PCA baseline instead (per-batch centres,
+        components of the per-batch-centred cells), the baseline a model told the batch has to beat.
+        """
         b = self.baselines
+        if b.n_batches and self.net.encode_covariates:
+            self.net.init_from_pca(
+                b.mean_g, b.batch_components_kg, variance_g=b.variance_g, batch_center_bg=b.batch_mean_bg - b.mean_g
+            )
+            return
         self.net.init_from_pca(b.mean_g, b.components_kg, variance_g=b.variance_g)
 
     def prepare_start(self, datamodule: Any) -> None:
         """Fit the baselines on the training cells; with ``init="pca"`` the network then starts at PCA."""
-        self.baselines.fit(datamodule.train_chunks())
+        # With a batch covariate the chunks carry batch codes, for the per-batch baselines and start.
+        self.baselines.fit(datamodule.train_chunks(with_batches=True))
         if self.extra_baselines.names:
             labels_n = datamodule.train_labels() if "centroid" in self.extra_baselines.names else None
             self.extra_baselines.fit(datamodule.train_chunks, pca=self.baselines, labels_n=labels_n)
@@ -185,8 +214,10 @@ class AutoencoderModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ steps
 
-    def forward(self, x_ng: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.net(x_ng)
+    def forward(
+        self, x_ng: torch.Tensor, batch_nk: torch.Tensor | None = None, *, decode_batch_nk: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        return self.net(x_ng, batch_nk, decode_batch_nk=decode_batch_nk)
 
     def loss_per_cell(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The configured loss of each cell in the batch."""
@@ -201,7 +232,7 @@ class AutoencoderModule(pl.LightningModule):
         return self.input_view(expected_counts(count_parameters(out, batch)), batch.get(SIZE_FACTOR_KEY))
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str, *, log_loss: bool = True) -> torch.Tensor:
-        out = self(batch[X_KEY])
+        out = self(batch[X_KEY], batch.get(BATCH_KEY))
         loss_n = self.loss_per_cell(out, batch)
         loss = reduce_per_cell(loss_n, None, self.loss.reduction)
         if stage == "train":
@@ -216,10 +247,13 @@ class AutoencoderModule(pl.LightningModule):
         recons = {"model": self.reconstruct(out, batch)}
         self.metrics[f"{stage}_model"].update(recons["model"], target, loss_n)
         if self.with_baselines:
-            for who, recon in self._baseline_recons(batch[X_KEY].float(), batch.get(LABEL_KEY)).items():
+            for who, recon in self._baseline_recons(batch[X_KEY].float(), batch).items():
                 baseline_loss_n = None if self.count_loss else self.loss.per_cell(recon, target)
                 self.metrics[f"{stage}_{who}"].update(recon, target, baseline_loss_n)
                 recons[who] = recon
+        if self.batch_metrics:
+            for who, recon in recons.items():
+                self.batch_metrics[f"{stage}_{who}"].update(recon, target, _batch_codes(batch))
         if TRUTH_KEY in batch:
             for who, recon in recons.items():
                 self.metrics[f"{stage}_{who}_truth"].update(recon, batch[TRUTH_KEY])
@@ -227,11 +261,12 @@ class AutoencoderModule(pl.LightningModule):
             self._score_masked(batch, stage)
         return loss
 
-    def _baseline_recons(self, x_ng: torch.Tensor, labels_n: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """The scored baselines' reconstructions of ``x_ng`` (the centroid only where cells carry labels)."""
-        recons = self.baselines(x_ng)
+    def _baseline_recons(self, x_ng: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The scored baselines' reconstructions of ``x_ng`` (the centroid only where cells carry labels, the
+        per-batch ones where they carry batch codes)."""
+        recons = self.baselines(x_ng, _batch_codes(batch))
         if self.extra_baselines.fitted:  # not after loading a checkpoint: they are refitted, never restored
-            recons.update(self.extra_baselines(x_ng, labels_n))
+            recons.update(self.extra_baselines(x_ng, batch.get(LABEL_KEY)))
         return {who: recon for who, recon in recons.items() if who in self.scored}
 
     def eval_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -246,9 +281,9 @@ class AutoencoderModule(pl.LightningModule):
             x_ng, batch[INDEX_KEY], fraction=self.mask_fraction, seed=self.mask_seed, stream=stage
         )
         x_masked_ng = x_ng.masked_fill(hidden_ng, 0.0)
-        recons = {"model": self.reconstruct(self(x_masked_ng), batch)}
+        recons = {"model": self.reconstruct(self(x_masked_ng, batch.get(BATCH_KEY)), batch)}
         if self.with_baselines:
-            recons.update(self._baseline_recons(x_masked_ng.float(), batch.get(LABEL_KEY)))
+            recons.update(self._baseline_recons(x_masked_ng.float(), batch))
         target = self.eval_target(batch)
         for who, recon in recons.items():
             self.metrics[f"{stage}_{who}_masked"].update(recon, target, mask_ng=hidden_ng)
@@ -311,7 +346,7 @@ class AutoencoderModule(pl.LightningModule):
         self._shared_step(batch, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        out = self(batch[X_KEY])
+        out = self(batch[X_KEY], batch.get(BATCH_KEY))
         result = {"z": out["z"].float(), "recon": self.reconstruct(out, batch).float()}
         if self.count_loss:
             result["expected_counts"] = expected_counts(count_parameters(out, batch)).float()
@@ -341,11 +376,25 @@ class AutoencoderModule(pl.LightningModule):
                 show = who == "model" and name in ("loss", "cosine")
                 self.log(prefix + name, value, prog_bar=show, sync_dist=True, reduce_fx="max")
             metric.reset()
+            self._log_per_batch(stage, who, prefix)
         if self._latents[stage]:
             z_nk, labels_n = (torch.cat(parts) for parts in zip(*self._latents[stage], strict=True))
             accuracy = knn_label_accuracy(z_nk, labels_n, k=self.knn_k)
             self.log(f"{stage}/knn_accuracy", accuracy, sync_dist=True)  # per-shard under DDP: mean over ranks
             self._latents[stage].clear()
+
+    def _log_per_batch(self, stage: str, who: str, prefix: str) -> None:
+        """Log cosine, Pearson and MSE per batch level (levels without cells in this stage are left out)."""
+        metric = self.batch_metrics[f"{stage}_{who}"] if self.batch_metrics else None
+        if metric is None or metric.update_count == 0:
+            return
+        values = metric.compute()
+        for code, level in enumerate(self.batch_levels):
+            if values["n_cells"][code] > 0:
+                for name in PerBatchMetrics.NAMES:
+                    key = f"{prefix}batch/{level_key(level)}/{name}"
+                    self.log(key, values[name][code], sync_dist=True, reduce_fx="max")
+        metric.reset()
 
     def _dispersion_agreement(self) -> dict[str, torch.Tensor]:
         """Pearson and Spearman r of learned vs true per-gene log dispersions, where the data knows the truth."""
@@ -363,6 +412,17 @@ class AutoencoderModule(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
+
+
+def level_key(level: str) -> str:
+    """A batch level as it appears in a logged metric name (no ``/``, which would nest it, nor spaces)."""
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in str(level))
+
+
+def _batch_codes(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """Each cell's code of the batch (the first covariate), or None when the batch carries no covariates."""
+    codes = batch.get(BATCH_KEY)
+    return None if codes is None else codes.reshape(codes.shape[0], -1)[:, 0]
 
 
 def dispersion_agreement(log_theta_g: torch.Tensor, true_log_theta_g: torch.Tensor) -> dict[str, torch.Tensor]:
