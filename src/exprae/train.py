@@ -158,6 +158,17 @@ def format_report(metrics: dict[str, Any]) -> str:
             f"on val cosine exprae-{gain['latent_dim']} is worth {worth}"
             + ("" if moved is None else f"; its weights moved {100 * moved:.1f} % from their start")
         )
+    mixing = ("ilisi", "clisi", "silhouette_label", "silhouette_batch")
+    present = [m for m in mixing if any(m in metrics.get("test", {}).get(who, {}) for who in names)]
+    if present:
+        lines.append("\nintegration of the test cells' latents (scIB scores, 0-1, higher is better)")
+        lines.append(f"{'':<{width}}" + "".join(f"{m:>18}" for m in present))
+        for who in ("model", "pca", "batch_pca"):
+            row = [metrics.get("test", {}).get(who, {}).get(m) for m in present]
+            if any(v is not None for v in row):
+                lines.append(
+                    f"{names[who]:<{width}}" + "".join(f"{v:>18.4f}" if v is not None else f"{'-':>18}" for v in row)
+                )
     by_batch = metrics.get("by_batch")
     if by_batch:
         rows = []

@@ -165,6 +165,10 @@ def validation_metric_names(module: Any, datamodule: Any) -> set[str]:
         extra |= {"nll", "dispersion_pearson", "dispersion_spearman"}
     if getattr(datamodule, "label_key", None) is not None:
         extra.add("knn_accuracy")
+    if getattr(datamodule, "batch_keys", ()):
+        extra.add("ilisi")  # the integration scores of held-out latents (exprae.scoring.integration)
+        if getattr(datamodule, "label_key", None) is not None:
+            extra |= {"clisi", "silhouette_label", "silhouette_batch"}
     if getattr(module, "mask_fraction", 0.0) > 0:
         extra |= {EXTRA_SCORES["masked"].format(n) for n in names if n != "loss"}
     adata = getattr(datamodule, "adata", None)

@@ -26,6 +26,7 @@ from exprae.losses import CountNLL, ReconstructionLoss, cosine_similarity, reduc
 from exprae.nn import AutoEncoder
 from exprae.nn.baselines import BASELINE_NAMES, DEFAULT_BASELINES, BaselineName, Baselines, ExtraBaselines
 from exprae.nn.count_head import InputView, count_parameters, expected_counts
+from exprae.scoring.integration import integration_scores
 from exprae.scoring.masking import hidden_entries
 from exprae.scoring.metrics import PerBatchMetrics, ReconstructionMetrics, knn_label_accuracy
 from exprae.training.fast_step import (
@@ -81,7 +82,12 @@ class AutoencoderModule(pl.LightningModule):
     When batches carry covariate codes (``data.batch_key``) the network gets them, the per-batch baselines
     ``baseline/{batch_mean,batch_pca}/...`` are scored next to the plain ones, and cosine, Pearson and MSE are
     also logged per level of the batch (the first covariate) as ``{stage}/batch/{level}/{name}`` (baselines:
-    ``baseline/{who}/{stage}/batch/{level}/{name}``); ``batch_levels`` names the levels in code order.
+    ``baseline/{who}/{stage}/batch/{level}/{name}``); ``batch_levels`` names the levels in code order. The
+    held-out latents (the model's, PCA's scores and the per-batch PCA's) then get the scIB integration scores
+    (:mod:`exprae.scoring.integration`): ``{stage}/ilisi`` (batch mixing) and, with labels, ``clisi``,
+    ``silhouette_label`` and ``silhouette_batch``, on at most ``integration_max_cells`` cells (evenly spaced
+    in the stage's order, so the same cells every epoch) with ``integration_k`` neighbours. Under DDP each
+    rank scores its own shard, as for the kNN accuracy.
     """
 
     def __init__(
@@ -101,8 +107,18 @@ class AutoencoderModule(pl.LightningModule):
         mask_fraction: float = 0.0,
         mask_seed: int = 0,
         batch_levels: list[str] | None = None,
+        integration_k: int = 90,
+        integration_max_cells: int = 5000,
     ) -> None:
         super().__init__()
+        if int(integration_k) < 1 or int(integration_max_cells) < 2:
+            raise ConfigError(
+                f"module.integration_k must be >= 1 and module.integration_max_cells >= 2, got {integration_k} "
+                f"and {integration_max_cells}"
+            )
+        self.integration_k, self.integration_max_cells = int(integration_k), int(integration_max_cells)
+        # Held-out latents with batch codes (and labels) for the integration scores, per stage.
+        self._mixing: dict[str, list[dict[str, torch.Tensor]]] = {stage: [] for stage in EVAL_STAGES}
         self.net = net
         self.loss = loss
         self.optimizer_factory = optimizer
@@ -243,6 +259,8 @@ class AutoencoderModule(pl.LightningModule):
             return loss
         if LABEL_KEY in batch:
             self._latents[stage].append((out["z"].detach().float(), batch[LABEL_KEY]))
+        if self.batch_metrics:
+            self._keep_latents(out["z"], batch, stage)
         target = self.eval_target(batch)
         recons = {"model": self.reconstruct(out, batch)}
         self.metrics[f"{stage}_model"].update(recons["model"], target, loss_n)
@@ -268,6 +286,34 @@ class AutoencoderModule(pl.LightningModule):
         if self.extra_baselines.fitted:  # not after loading a checkpoint: they are refitted, never restored
             recons.update(self.extra_baselines(x_ng, batch.get(LABEL_KEY)))
         return {who: recon for who, recon in recons.items() if who in self.scored}
+
+    def _keep_latents(self, z_nk: torch.Tensor, batch: dict[str, torch.Tensor], stage: str) -> None:
+        """Keep the model's and the PCA baselines' latents of held-out cells for the integration scores."""
+        codes_n = _batch_codes(batch)
+        kept = {"model": z_nk.detach().float().cpu(), "batch": codes_n.cpu()}
+        if self.with_baselines:
+            kept.update({who: z.cpu() for who, z in self.baselines.latents(batch[X_KEY].float(), codes_n).items()})
+        if LABEL_KEY in batch:
+            kept["label"] = batch[LABEL_KEY].cpu()
+        self._mixing[stage].append(kept)
+
+    def _log_integration(self, stage: str) -> None:
+        """Log the scIB integration scores of the held-out latents (model, PCA, per-batch PCA)."""
+        parts = self._mixing[stage]
+        if not parts:
+            return
+        kept = {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+        self._mixing[stage].clear()
+        n = len(kept["batch"])
+        rows = torch.linspace(0, n - 1, min(n, self.integration_max_cells)).round().long()
+        labels = kept["label"][rows] if "label" in kept else None
+        for who in ("model", "pca", "batch_pca"):
+            if who not in kept or len(rows) < 3:
+                continue
+            scores = integration_scores(kept[who][rows], kept["batch"][rows], labels, k=self.integration_k)
+            prefix = f"{stage}/" if who == "model" else f"baseline/{who}/{stage}/"
+            for name, value in scores.items():
+                self.log(prefix + name, float(value), sync_dist=True)  # per-shard under DDP: mean over ranks
 
     def eval_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """What reconstructions are scored against: the target, or the input for count likelihoods."""
@@ -382,6 +428,7 @@ class AutoencoderModule(pl.LightningModule):
             accuracy = knn_label_accuracy(z_nk, labels_n, k=self.knn_k)
             self.log(f"{stage}/knn_accuracy", accuracy, sync_dist=True)  # per-shard under DDP: mean over ranks
             self._latents[stage].clear()
+        self._log_integration(stage)
 
     def _log_per_batch(self, stage: str, who: str, prefix: str) -> None:
         """Log cosine, Pearson and MSE per batch level (levels without cells in this stage are left out)."""
