@@ -13,7 +13,7 @@ EXPERIMENT ?= loss_sweep
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install install-launchers train sweep compare test test-fast lint format tensorboard bench strip-notebooks clean
+.PHONY: help install install-launchers train sweep compare test test-fast lint format tensorboard bench batch-bench strip-notebooks clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -57,6 +57,11 @@ BENCH_ARGS ?=
 bench: $(STAMP) ## training-speed table: exprae vs a per-cell DataLoader vs scvi-tools (GPU sizes on a GPU; BENCH_ARGS="--sizes 1e5x2000")
 	$(PY) -m pip install -q -e ".[bench]" "$(TORCH_SPEC)" || echo "scvi-tools could not be installed; the table will skip it"
 	$(PY) scripts/bench_train.py --out bench $(BENCH_ARGS)
+
+BATCH_BENCH_ARGS ?=
+batch-bench: $(STAMP) ## batch covariates where the answer is known: exprae vs PCA vs scVI on pbmc4k + batch effect and Kang (docs/batches.md)
+	$(PY) -m pip install -q -e ".[bench]" "$(TORCH_SPEC)" || echo "scvi-tools could not be installed; the table will skip it"
+	$(PY) scripts/batch_benchmark.py --out bench/batches $(BATCH_BENCH_ARGS)
 
 tensorboard: $(STAMP) ## open TensorBoard on every run under outputs/ and multirun/
 	$(VENV)/bin/tensorboard --logdir . --bind_all

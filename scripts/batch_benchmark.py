@@ -1,0 +1,254 @@
+"""Batch covariates where the answer is known: exprae with and without ``data.batch_key``, PCA, and scVI.
+
+Two datasets, the same held-out test cells and the same scores for every method:
+
+* **pbmc4k, semi-synthetic** (``../shared/realdata/pbmc4k_soupx.h5ad``): the cells are split at random into two
+  halves, A and B; B's counts get a gene-wise multiplicative batch effect, ``x' = f_g · x`` stochastically
+  rounded to integers, with ``log f_g ~ N(0, effect_sd²)`` (seeded), and keep their cell types. The truth is known: the batch is pure
+  artefact, so a good latent mixes A and B (iLISI up) while keeping cell types apart (cLISI, label silhouette).
+* **Kang 2018** ctrl / stim PBMCs (``kang2018_pbmc_ifnb_2k.h5ad``, ``obs.condition``): a real condition effect
+  and no cell-type labels, so only batch mixing and reconstruction are scored.
+
+Methods: exprae without covariate, exprae with ``data.batch_key`` (per-batch-centred PCA start, decoder and
+encoder covariates), PCA and per-batch PCA (the baselines of the covariate run, same latent size), and scVI
+with ``batch_key`` (if ``scvi-tools`` is installed: ``make batch-bench`` installs it, or
+``pip install -e ".[bench]" "torch==2.13.0"``), trained on the same training cells and highly variable genes.
+
+Scores, on the test cells: reconstruction cosine in exprae's input space (log1p of counts normalised to 1e4
+per cell, 2,000 HVGs; scVI's is its posterior mean expression mapped to that space), iLISI, cLISI, label
+silhouette and batch silhouette (scIB's formulas, :mod:`exprae.scoring.integration`).
+
+python scripts/batch_benchmark.py --out bench/batches            # ~15 min on 2 CPU cores
+python scripts/batch_benchmark.py --epochs 3 --scvi-epochs 5 --cells 600 --n-top-genes 500   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+import exprae
+from exprae.data.covariates import recode
+from exprae.scoring.integration import integration_scores
+from exprae.scoring.metrics import per_cell_metrics
+
+REALDATA = Path(os.environ.get("EXPRAE_REALDATA", Path(__file__).resolve().parents[2] / "shared" / "realdata"))
+SCORES = ("cosine", "ilisi", "clisi", "silhouette_label", "silhouette_batch")
+
+
+def semisynthetic(path: Path, *, seed: int, effect_sd: float, n_cells: int | None = None) -> ad.AnnData:
+    """pbmc4k split into halves A and B at random; B's counts become f_g · x (stochastically rounded), log f_g ~ N(0, sd²)."""
+    adata = ad.read_h5ad(path)
+    rng = np.random.default_rng(seed)
+    if n_cells is not None and n_cells < adata.n_obs:
+        adata = adata[np.sort(rng.choice(adata.n_obs, n_cells, replace=False))].copy()
+    x = sp.csr_matrix(adata.X, dtype=np.float32)
+    in_b = np.zeros(adata.n_obs, dtype=bool)
+    in_b[rng.permutation(adata.n_obs)[: adata.n_obs // 2]] = True
+    factor_g = np.exp(rng.normal(0.0, effect_sd, size=adata.n_vars))
+    b = x[in_b].tocsr()
+    # Stochastic rounding keeps integer counts with the expected value f_g x and adds little noise (at most a
+    # Bernoulli's), so the effect is a gene-wise shift of B, not extra noise in B.
+    scaled = b.data * factor_g[b.indices]
+    b.data = (np.floor(scaled) + (rng.random(len(scaled)) < scaled - np.floor(scaled))).astype(np.float32)
+    b.eliminate_zeros()
+    x = sp.vstack([x[~in_b], b], format="csr")
+    order = np.concatenate([np.flatnonzero(~in_b), np.flatnonzero(in_b)])
+    obs = adata.obs.iloc[order][["cell_type"]].copy()
+    obs["batch"] = pd.Categorical(np.where(in_b[order], "B", "A"))
+    out = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=adata.var_names))
+    out.uns["batch_effect"] = {
+        "seed": seed,
+        "effect_sd": effect_sd,
+        "model": "B = stochastic_round(f_g x), log f_g ~ N(0, sd^2)",
+    }
+    return out[np.argsort(order)].copy()  # back to the file's cell order
+
+
+def train_exprae(data: Path, out_dir: Path, *, batch_key: str | None, label_key: str | None, args: Any) -> Path:
+    """One exprae run composed from the real configs (default h5ad preprocessing); returns its run directory."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    from exprae.train import CONFIG_DIR, train
+
+    overrides = [
+        "data=h5ad",
+        f"data.path={data}",
+        f"data.preprocess.n_top_genes={args.n_top_genes}",
+        f"model.latent_dim={args.latent}",
+        f"trainer.max_epochs={args.epochs}",
+        f"seed={args.seed}",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "logger=none",
+    ]
+    if batch_key:
+        overrides.append(f"data.batch_key={batch_key}")
+    if label_key:
+        overrides.append(f"data.label_key={label_key}")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+        cfg.hydra.runtime.output_dir = str(out_dir)
+    train(cfg)
+    return out_dir
+
+
+def test_cells(run_dir: Path) -> np.ndarray:
+    """Names of the run's held-out test cells."""
+    split = pd.read_csv(run_dir / "split.csv")
+    return split.loc[split["split"] == "test", "obs_name"].astype(str).to_numpy()
+
+
+def score_latents(latents: dict[str, np.ndarray], obs: pd.DataFrame, batch_key: str, label_key: str | None) -> dict:
+    """scIB integration scores of each latent, on the same cells."""
+    batch = torch.as_tensor(pd.Categorical(obs[batch_key]).codes.astype(np.int64))
+    labels = None
+    if label_key:
+        labels = torch.as_tensor(pd.Categorical(obs[label_key]).codes.astype(np.int64))
+    return {who: integration_scores(torch.as_tensor(z), batch, labels) for who, z in latents.items()}
+
+
+def exprae_rows(runs: dict[str, Path], adata: ad.AnnData, batch_key: str, label_key: str | None) -> dict:
+    """Test-cell scores of both exprae runs and of the covariate run's PCA and per-batch PCA baselines."""
+    rows = {}
+    for name, run_dir in runs.items():
+        test = adata[test_cells(run_dir)].copy()
+        model = exprae.load(run_dir, device="cpu")
+        exprae.embed(model, test)
+        metrics = json.loads((run_dir / "metrics.json").read_text())["test"]
+        latents = {name: test.obsm["X_exprae"]}
+        cosine = {name: metrics["model"]["cosine"]}
+        if model.batch_categories:  # the covariate run also carries both PCA baselines, fitted on the same cells
+            x = model.transform(test).X
+            x_ng = torch.as_tensor(x.toarray() if sp.issparse(x) else np.asarray(x))
+            codes = torch.as_tensor(recode(test.obs, model.batch_categories, what="test cells")[:, 0])
+            with torch.no_grad():
+                base = model.baselines.latents(x_ng, codes)
+            latents.update({"PCA": base["pca"].numpy(), "per-batch PCA": base["batch_pca"].numpy()})
+            cosine.update({"PCA": metrics["pca"]["cosine"], "per-batch PCA": metrics["batch_pca"]["cosine"]})
+        for who, scores in score_latents(latents, test.obs, batch_key, label_key).items():
+            rows[who] = {"cosine": cosine[who], **scores}
+    return rows
+
+
+def scvi_row(adata: ad.AnnData, run_dir: Path, batch_key: str, label_key: str | None, args: Any) -> dict | None:
+    """scVI with ``batch_key`` on the covariate run's training cells and genes; the same test-cell scores."""
+    try:
+        import scvi
+    except ImportError:
+        print('scvi-tools is not installed: pip install -e ".[bench]" "torch==2.13.0" (make batch-bench does)')
+        return None
+    model_ae = exprae.load(run_dir, device="cpu")
+    genes = model_ae.var_names
+    split = pd.read_csv(run_dir / "split.csv")
+    train_names = split.loc[split["split"] == "train", "obs_name"].astype(str).to_numpy()
+    test = adata[test_cells(run_dir)].copy()
+    scvi.settings.seed = args.seed
+    train_ad = adata[train_names, genes].copy()
+    scvi.model.SCVI.setup_anndata(train_ad, batch_key=batch_key)
+    vae = scvi.model.SCVI(train_ad, n_latent=args.latent)
+    start = time.perf_counter()
+    vae.train(max_epochs=args.scvi_epochs, accelerator="cpu", enable_progress_bar=False)
+    wall = time.perf_counter() - start
+    test_ad = adata[test.obs_names, genes].copy()
+    z = vae.get_latent_representation(test_ad)
+    # scVI's posterior mean expression in exprae's input space: proportions over the HVGs x the cell's HVG
+    # counts, normalised like exprae's input (1e4 per cell over all genes), log1p.
+    rho = np.asarray(vae.get_normalized_expression(test_ad, library_size=1.0, return_numpy=True))
+    hvg_total = np.asarray(test_ad.X.sum(1)).ravel()
+    all_total = np.asarray(adata[test.obs_names].X.sum(1)).ravel()
+    expected = np.log1p(rho * (hvg_total * 1e4 / np.maximum(all_total, 1))[:, None])
+    x_in = model_ae.transform(test).X
+    x_in = x_in.toarray() if sp.issparse(x_in) else np.asarray(x_in)
+    cosine = float(per_cell_metrics(torch.as_tensor(expected).float(), torch.as_tensor(x_in).float())["cosine"].mean())
+    scores = score_latents({"scVI": z}, test.obs, batch_key, label_key)["scVI"]
+    return {"cosine": cosine, **scores, "wall_s": wall}
+
+
+def run_dataset(name: str, adata: ad.AnnData, batch_key: str, label_key: str | None, out: Path, args: Any) -> dict:
+    """Every method on one dataset; returns the rows of the table."""
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "data.h5ad"
+    adata.write_h5ad(data)
+    runs, walls = {}, {}
+    for method, key in (("exprae", None), ("exprae + batch_key", batch_key)):
+        start = time.perf_counter()
+        run_dir = folder / method.replace(" + ", "_")
+        runs[method] = train_exprae(data, run_dir, batch_key=key, label_key=label_key, args=args)
+        walls[method] = time.perf_counter() - start
+    rows = exprae_rows(runs, adata, batch_key, label_key)
+    for method, wall in walls.items():
+        rows[method]["wall_s"] = wall
+    scvi = None if args.no_scvi else scvi_row(adata, runs["exprae + batch_key"], batch_key, label_key, args)
+    if scvi is not None:
+        rows["scVI + batch_key"] = scvi
+    return rows
+
+
+def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A markdown table: one row per dataset and method."""
+    head = "| data | method | " + " | ".join(SCORES) + " | train wall s |"
+    lines = [head, "|" + " --- |" * (len(SCORES) + 3)]
+    for dataset, rows in results.items():
+        for method, row in rows.items():
+            cells = [f"{row[s]:.3f}" if s in row and np.isfinite(row[s]) else "–" for s in SCORES]
+            wall = f"{row['wall_s']:.0f}" if "wall_s" in row else "(in the covariate run)"
+            lines.append(f"| {dataset} | {method} | " + " | ".join(cells) + f" | {wall} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/batches"))
+    parser.add_argument("--seed", type=int, default=0, help="model seed and scVI seed (split_seed stays 0)")
+    parser.add_argument("--effect-seed", type=int, default=0, help="seed of the halves and the batch effect")
+    parser.add_argument("--effect-sd", type=float, default=0.5, help="sd of log f_g, the gene-wise batch factor")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--scvi-epochs", type=int, default=100)
+    parser.add_argument("--latent", type=int, default=16)
+    parser.add_argument("--n-top-genes", type=int, default=2000)
+    parser.add_argument("--cells", type=int, default=None, help="subsample pbmc4k (smoke runs)")
+    parser.add_argument("--datasets", default="pbmc4k,kang")
+    parser.add_argument("--no-scvi", action="store_true", help="skip scVI even where it is installed")
+    args = parser.parse_args(argv)
+    results = {}
+    wanted = args.datasets.split(",")
+    if "pbmc4k" in wanted:
+        adata = semisynthetic(
+            REALDATA / "pbmc4k_soupx.h5ad", seed=args.effect_seed, effect_sd=args.effect_sd, n_cells=args.cells
+        )
+        results["pbmc4k + batch effect"] = run_dataset(
+            "pbmc4k_semisynthetic", adata, "batch", "cell_type", args.out, args
+        )
+    if "kang" in wanted:
+        adata = ad.read_h5ad(REALDATA / "kang2018_pbmc_ifnb_2k.h5ad")
+        results["Kang ctrl/stim"] = run_dataset("kang", adata, "condition", None, args.out, args)
+    text = table(results)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    (args.out / "results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2))
+    (args.out / "table.md").write_text(text + "\n")
+    print(f"\n{text}\n\nsettings: {settings}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
