@@ -132,6 +132,7 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | Path, *, overwrite: bool) -
 def predict(cfg: PredictConfig) -> ad.AnnData:
     """Load the model, embed the data, write the output; returns the embedded AnnData."""
     from exprae.data import read_h5ad
+    from exprae.data.covariates import level_code
     from exprae.inference.embed import embed, load
 
     out = Path(cfg.out).expanduser()
@@ -144,6 +145,8 @@ def predict(cfg: PredictConfig) -> ad.AnnData:
         raise PredictError(f"out={out} should end in .h5ad")
     model = load(cfg.ckpt, device=cfg.device)
     check_preprocess(dict(cfg.data.preprocess), model.preprocess.settings())
+    if cfg.transform_batch is not None:  # an unknown level fails before the data is read
+        level_code(model.batch_categories, cfg.transform_batch)
     adata = read_h5ad(cfg.data.path)
     embed(
         model,
