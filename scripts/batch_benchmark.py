@@ -117,16 +117,18 @@ def test_cells(run_dir: Path) -> np.ndarray:
     return split.loc[split["split"] == "test", "obs_name"].astype(str).to_numpy()
 
 
-def score_latents(latents: dict[str, np.ndarray], obs: pd.DataFrame, batch_key: str, label_key: str | None) -> dict:
-    """scIB integration scores of each latent, on the same cells."""
+def score_latents(
+    latents: dict[str, np.ndarray], obs: pd.DataFrame, batch_key: str, label_key: str | None, *, k: int
+) -> dict:
+    """scIB integration scores of each latent, on the same cells, with ``k`` neighbours."""
     batch = torch.as_tensor(pd.Categorical(obs[batch_key]).codes.astype(np.int64))
     labels = None
     if label_key:
         labels = torch.as_tensor(pd.Categorical(obs[label_key]).codes.astype(np.int64))
-    return {who: integration_scores(torch.as_tensor(z), batch, labels) for who, z in latents.items()}
+    return {who: integration_scores(torch.as_tensor(z), batch, labels, k=k) for who, z in latents.items()}
 
 
-def exprae_rows(runs: dict[str, Path], adata: ad.AnnData, batch_key: str, label_key: str | None) -> dict:
+def exprae_rows(runs: dict[str, Path], adata: ad.AnnData, batch_key: str, label_key: str | None, *, k: int) -> dict:
     """Test-cell scores of both exprae runs and of the covariate run's PCA and per-batch PCA baselines."""
     rows = {}
     for name, run_dir in runs.items():
@@ -144,7 +146,7 @@ def exprae_rows(runs: dict[str, Path], adata: ad.AnnData, batch_key: str, label_
                 base = model.baselines.latents(x_ng, codes)
             latents.update({"PCA": base["pca"].numpy(), "per-batch PCA": base["batch_pca"].numpy()})
             cosine.update({"PCA": metrics["pca"]["cosine"], "per-batch PCA": metrics["batch_pca"]["cosine"]})
-        for who, scores in score_latents(latents, test.obs, batch_key, label_key).items():
+        for who, scores in score_latents(latents, test.obs, batch_key, label_key, k=k).items():
             rows[who] = {"cosine": cosine[who], **scores}
     return rows
 
@@ -179,7 +181,7 @@ def scvi_row(adata: ad.AnnData, run_dir: Path, batch_key: str, label_key: str | 
     x_in = model_ae.transform(test).X
     x_in = x_in.toarray() if sp.issparse(x_in) else np.asarray(x_in)
     cosine = float(per_cell_metrics(torch.as_tensor(expected).float(), torch.as_tensor(x_in).float())["cosine"].mean())
-    scores = score_latents({"scVI": z}, test.obs, batch_key, label_key)["scVI"]
+    scores = score_latents({"scVI": z}, test.obs, batch_key, label_key, k=args.k)["scVI"]
     return {"cosine": cosine, **scores, "wall_s": wall}
 
 
@@ -195,7 +197,7 @@ def run_dataset(name: str, adata: ad.AnnData, batch_key: str, label_key: str | N
         run_dir = folder / method.replace(" + ", "_")
         runs[method] = train_exprae(data, run_dir, batch_key=key, label_key=label_key, args=args)
         walls[method] = time.perf_counter() - start
-    rows = exprae_rows(runs, adata, batch_key, label_key)
+    rows = exprae_rows(runs, adata, batch_key, label_key, k=args.k)
     for method, wall in walls.items():
         rows[method]["wall_s"] = wall
     scvi = None if args.no_scvi else scvi_row(adata, runs["exprae + batch_key"], batch_key, label_key, args)
@@ -228,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-top-genes", type=int, default=2000)
     parser.add_argument("--cells", type=int, default=None, help="subsample pbmc4k (smoke runs)")
     parser.add_argument("--datasets", default="pbmc4k,kang")
+    parser.add_argument("--k", type=int, default=90, help="neighbours of the integration scores (scIB: 90)")
     parser.add_argument("--no-scvi", action="store_true", help="skip scVI even where it is installed")
     args = parser.parse_args(argv)
     results = {}
@@ -239,15 +242,21 @@ def main(argv: list[str] | None = None) -> int:
         results["pbmc4k + batch effect"] = run_dataset(
             "pbmc4k_semisynthetic", adata, "batch", "cell_type", args.out, args
         )
+        write_results(results, args)  # after each dataset, so a long run shows what it has
     if "kang" in wanted:
         adata = ad.read_h5ad(REALDATA / "kang2018_pbmc_ifnb_2k.h5ad")
         results["Kang ctrl/stim"] = run_dataset("kang", adata, "condition", None, args.out, args)
+        write_results(results, args)
+    return 0
+
+
+def write_results(results: dict, args: Any) -> None:
+    """``results.json`` (with the settings) and ``table.md`` under ``--out``; the table is printed too."""
     text = table(results)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     (args.out / "results.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2))
     (args.out / "table.md").write_text(text + "\n")
     print(f"\n{text}\n\nsettings: {settings}")
-    return 0
 
 
 if __name__ == "__main__":
