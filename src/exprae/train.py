@@ -24,6 +24,7 @@ from exprae.errors import CLIError, ConfigError, ExpraeError
 from exprae.runs import lock as runguard
 from exprae.runs import rundir
 from exprae.runs.resume import check_resume, resolve_ckpt_path
+from exprae.scoring.heldout_quality import heldout_quality
 from exprae.scoring.metrics import PerBatchMetrics
 from exprae.scoring.pca_gain import gain_over_pca
 from exprae.training.config_checks import check_config, check_monitors, check_sizes, validation_metric_names
@@ -264,6 +265,8 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
     if "pca" in module.scored and "cosine" in metrics["val"].get("model", {}):
         # Equivalent PCA components and distance from the start; a resumed run's start is re-derived, not read.
         metrics["gain_over_pca"] = gain_over_pca(module, datamodule, metrics["val"]["model"])
+    if datamodule.label_key is not None:  # latent and marker evaluations need labels independent of the input
+        metrics["heldout_quality"] = heldout_quality(module, datamodule, stage="test")
     if trainer.is_global_zero:
         rundir.write_json(out_dir / rundir.METRICS_FILE, metrics)
     log_final_hparams(  # Lightning's loggers write on rank 0 only

@@ -19,7 +19,7 @@ from exprae.constants import INDEX_KEY, TRUTH_KEY, X_KEY
 from exprae.data import ExpressionDataModule
 from exprae.nn.baselines import Baselines
 from exprae.runs import rundir
-from exprae.scoring.masking import hidden_entries
+from exprae.scoring.masking import InputMasker, hidden_entries
 from exprae.scoring.metrics import per_cell_metrics
 from exprae.train import build, train
 
@@ -121,10 +121,12 @@ def test_no_truth_metrics_without_truth(compose_cfg):
 def test_hidden_entries_are_a_seeded_fraction_of_nonzero_entries(pbmc):
     x_ng = torch.from_numpy(_dense(pbmc.raw.X)[:64].astype(np.float32))
     rows = torch.arange(64)
-    hidden = hidden_entries(x_ng, rows, fraction=0.1, seed=3, stream="val")
+    hidden = hidden_entries(x_ng, rows, fraction=0.1, seed=3, stream="val", entries="nonzero")
     assert not (hidden & (x_ng == 0)).any()  # only non-zero entries are hidden
     nnz_n = (x_ng != 0).sum(1)
     assert torch.equal(hidden.sum(1), torch.floor(nnz_n * 0.1 + 0.5).long())
+    hidden = hidden_entries(x_ng, rows, fraction=0.1, seed=3, stream="val")  # the default: over all entries
+    assert (hidden & (x_ng == 0)).any() and torch.equal(hidden.sum(1), torch.full((64,), int(0.1 * 765 + 0.5)))
     # Deterministic per cell, whatever batch it falls in; another seed or stage hides other entries.
     again = torch.cat(
         [
@@ -164,8 +166,11 @@ def test_masked_scores_in_a_run_match_a_recomputation(compose_cfg):
     baselines = _fit_baselines(dm, 8)
     batch = _split_tensors(dm, "test")
     hidden = hidden_entries(batch[X_KEY], batch[INDEX_KEY], fraction=0.2, seed=0, stream="test")
-    masked_x = batch[X_KEY].masked_fill(hidden, 0.0)
-    for who, recon in baselines(masked_x).items():
+    # log-normalised pbmc68k was normalised before exprae: hidden entries take the gene's training mean only.
+    masked_x = InputMasker(dm.n_genes).fit(dm.preprocess, mean_g=baselines.mean_g)(batch[X_KEY], hidden)
+    torch.testing.assert_close(masked_x, torch.where(hidden, baselines.mean_g, batch[X_KEY]))
+    recons = {"mean": baselines.mean_profile(masked_x), "pca": baselines.pca_observed(masked_x, ~hidden)}
+    for who, recon in recons.items():
         values = per_cell_metrics(recon, batch[X_KEY], mask_ng=hidden)
         for name in ("cosine", "mse", "pearson"):
             got = metrics["test"][who][f"masked_{name}"]

@@ -35,6 +35,14 @@ def test_run_scores_every_baseline_and_its_gain_over_pca(compose_cfg):
     )
     assert gain["relative_weight_change"] > 0
     assert saved["knn_smoothing_k"] == 15
+    quality = saved["heldout_quality"]
+    assert quality["stage"] == "test" and quality["n_cells"] == saved["n_cells"]["test"]
+    # The same leave-one-out kNN accuracy on the same test latents as the one logged during testing.
+    assert quality["model"]["knn_accuracy"] == pytest.approx(saved["test"]["model"]["knn_accuracy"], abs=1e-6)
+    for who in ("model", "pca"):
+        assert {"gene_r_median", "marker_overlap", "ari", "nmi", "silhouette", "knn_graph_preservation"} <= set(
+            quality[who]
+        )
     table = format_report(metrics)
     assert "spherical PCA (8)" in table and "kNN smoothing (k=15)" in table and "cell-type centroid" in table
     assert "is worth PCA-" in table

@@ -141,6 +141,21 @@ class Baselines(nn.Module):
         mean_g = self.mean_g.to(x_ng.dtype)
         return (x_ng - mean_g) @ w_kg.T @ w_kg + mean_g
 
+    def pca_observed(self, x_ng: torch.Tensor, observed_ng: torch.Tensor, ridge: float = 1e-6) -> torch.Tensor:
+        """PCA imputation: each cell's coordinates fitted by least squares on its observed entries only.
+
+        ``z = argmin ‖(x − μ)_O − W_Oᵀ z‖²`` over the observed genes ``O``, then ``μ + Wᵀz`` everywhere, so the
+        values put in the hidden entries do not pull the projection. With every entry observed it is :meth:`pca`.
+        """
+        w_kg = self.components_kg.to(x_ng.dtype)
+        mean_g = self.mean_g.to(x_ng.dtype)
+        m_ng = observed_ng.to(x_ng.dtype)
+        gram_nkk = torch.einsum("kg,ng,jg->nkj", w_kg, m_ng, w_kg)
+        gram_nkk = gram_nkk + ridge * torch.eye(len(w_kg), dtype=x_ng.dtype, device=x_ng.device)
+        rhs_nk = ((x_ng - mean_g) * m_ng) @ w_kg.T
+        z_nk = torch.linalg.solve(gram_nkk, rhs_nk)
+        return z_nk @ w_kg + mean_g
+
     def latents(self, x_ng: torch.Tensor, batch_n: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The PCA scores of each cell (and, with batches, its per-batch-centred PCA scores)."""
         out = {"pca": (x_ng - self.mean_g.to(x_ng.dtype)) @ self.components_kg.to(x_ng.dtype).T}

@@ -27,7 +27,7 @@ from exprae.nn import AutoEncoder
 from exprae.nn.baselines import BASELINE_NAMES, DEFAULT_BASELINES, BaselineName, Baselines, ExtraBaselines
 from exprae.nn.count_head import InputView, count_parameters, expected_counts
 from exprae.scoring.integration import integration_scores
-from exprae.scoring.masking import hidden_entries
+from exprae.scoring.masking import InputMasker, MaskEntries, MaskFill, hidden_entries
 from exprae.scoring.metrics import PerBatchMetrics, ReconstructionMetrics, knn_label_accuracy
 from exprae.training.fast_step import (
     TrainStep,
@@ -70,7 +70,9 @@ class AutoencoderModule(pl.LightningModule):
 
     When batches carry the noise-free truth (synthetic ``true_mean``) every scored reconstruction also gets
     ``{cosine,pearson,mse,...}_to_truth`` against it; with ``mask_fraction > 0`` also
-    ``masked_{cosine,pearson,mse,...}`` on entries hidden from the encoder (:mod:`exprae.scoring.masking`).
+    ``masked_{cosine,pearson,mse,...}`` on entries hidden from the encoder (:mod:`exprae.scoring.masking`:
+    drawn over ``mask_entries``, the input re-normalised without them and filled per ``mask_fill``; PCA imputes
+    by least squares on the observed entries).
 
     With an auxiliary latent loss (``aux_loss(z_nk, labels_n)``, e.g. :class:`~exprae.losses.OnlineTripletCosineLoss`)
     the training loss is ``recon + aux_weight · aux``, and ``train/recon`` and ``train/aux`` are logged too.
@@ -109,6 +111,8 @@ class AutoencoderModule(pl.LightningModule):
         batch_levels: list[str] | None = None,
         integration_k: int = 90,
         integration_max_cells: int = 5000,
+        mask_entries: MaskEntries = "all",
+        mask_fill: MaskFill = "mean",
     ) -> None:
         super().__init__()
         if int(integration_k) < 1 or int(integration_max_cells) < 2:
@@ -130,6 +134,14 @@ class AutoencoderModule(pl.LightningModule):
         if not 0.0 <= float(mask_fraction) < 1.0:
             raise ConfigError(f"module.mask_fraction must lie in [0, 1), got {mask_fraction}")
         self.mask_fraction, self.mask_seed = float(mask_fraction), int(mask_seed)
+        if mask_entries not in ("all", "nonzero") or mask_fill not in ("mean", "zero"):
+            raise ConfigError(
+                f"module.mask_entries must be all or nonzero and module.mask_fill mean or zero, got {mask_entries!r} "
+                f"and {mask_fill!r}"
+            )
+        self.mask_entries = mask_entries
+        # Rebuilds the encoder input without the hidden entries (re-normalised, filled); fitted in prepare_start.
+        self.masker = InputMasker(net.n_genes, fill=mask_fill)
         self.aux_loss, self.aux_weight, self.knn_k = aux_loss, float(aux_weight), knn_k
         self._latents: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {stage: [] for stage in EVAL_STAGES}
         self.count_loss = isinstance(loss, CountNLL)
@@ -198,6 +210,8 @@ class AutoencoderModule(pl.LightningModule):
         if self.extra_baselines.names:
             labels_n = datamodule.train_labels() if "centroid" in self.extra_baselines.names else None
             self.extra_baselines.fit(datamodule.train_chunks, pca=self.baselines, labels_n=labels_n)
+        if self.mask_fraction > 0:
+            self.masker.fit(datamodule.preprocess, mean_g=self.baselines.mean_g)
         if self.net.init == "pca":
             self.start_at_pca()
         # Where training starts (PCA or the random draw), to report how far it moved (exprae.scoring.pca_gain).
@@ -324,12 +338,19 @@ class AutoencoderModule(pl.LightningModule):
         """Hide entries of the input, reconstruct, and score the model and baselines on the hidden ones."""
         x_ng = batch[X_KEY]
         hidden_ng = hidden_entries(
-            x_ng, batch[INDEX_KEY], fraction=self.mask_fraction, seed=self.mask_seed, stream=stage
+            x_ng,
+            batch[INDEX_KEY],
+            fraction=self.mask_fraction,
+            seed=self.mask_seed,
+            stream=stage,
+            entries=self.mask_entries,
         )
-        x_masked_ng = x_ng.masked_fill(hidden_ng, 0.0)
+        x_masked_ng = self.masker(x_ng, hidden_ng)
         recons = {"model": self.reconstruct(self(x_masked_ng, batch.get(BATCH_KEY)), batch)}
         if self.with_baselines:
             recons.update(self._baseline_recons(x_masked_ng.float(), batch))
+            if "pca" in recons:  # PCA imputes by least squares on the observed entries, not through the fill
+                recons["pca"] = self.baselines.pca_observed(x_masked_ng.float(), ~hidden_ng)
         target = self.eval_target(batch)
         for who, recon in recons.items():
             self.metrics[f"{stage}_{who}_masked"].update(recon, target, mask_ng=hidden_ng)

@@ -1,0 +1,94 @@
+"""An imputation score that measures imputation: hidden entries over all entries, re-normalised input, PCA by LS."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from exprae.data.datasets import synthetic_counts
+from exprae.data.preprocessing import Preprocessing
+from exprae.nn.baselines import Baselines
+from exprae.scoring.masking import InputMasker, hidden_entries
+from exprae.scoring.metrics import per_cell_metrics
+
+
+@pytest.fixture(scope="module")
+def nb_cells() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """300 x 200 seeded NB counts with their stored means and per-gene dispersions."""
+    adata = synthetic_counts(n_cells=300, n_genes=200, seed=0)
+    return adata.X.toarray(), adata.layers["true_mean"], adata.var["true_dispersion"].to_numpy()
+
+
+def test_hidden_entries_over_all_entries_include_zeros(nb_cells):
+    counts, _, _ = nb_cells
+    x_ng = torch.tensor(counts[:64])
+    hidden = hidden_entries(x_ng, torch.arange(64), fraction=0.2, seed=1, stream="val")
+    assert torch.equal(hidden.sum(1), torch.full((64,), 40))  # round(0.2 x 200) per cell, zeros or not
+    zero_share = float((hidden & (x_ng == 0)).sum() / hidden.sum())
+    assert abs(zero_share - float((x_ng == 0).float().mean())) < 0.05  # zeros hidden as often as they occur
+
+
+def test_perfect_denoiser_beats_value_given_detected_only_when_zeros_can_be_hidden(nb_cells):
+    """The review's finding 5 on log-normalised NB counts, with both predictors sampled from the true parameters.
+
+    Hiding only detected entries makes the target "the value given detection", which a predictor of exactly
+    that conditional value wins; hiding over all entries makes E[log x] (the perfect log-space denoiser) win.
+    """
+    counts, mean_ng, theta_g = nb_cells
+    total_n1 = counts.sum(1, keepdims=True)
+    x_ng = torch.tensor(np.log1p(counts / total_n1 * 1e4), dtype=torch.float32)
+    draws = np.random.default_rng(1).poisson(
+        np.random.default_rng(2).gamma(theta_g, mean_ng / theta_g, (64, *mean_ng.shape))
+    )
+    values = np.log1p(draws / total_n1 * 1e4)
+    detected = draws > 0
+    denoiser = torch.tensor(values.mean(0), dtype=torch.float32)
+    given_detected = np.where(
+        detected.any(0), (values * detected).sum(0) / np.maximum(detected.sum(0), 1), np.log1p(1e4 / total_n1)
+    )
+    given_detected = torch.tensor(given_detected, dtype=torch.float32)
+    rows = torch.arange(len(x_ng))
+
+    def mse(pred: torch.Tensor, entries: str) -> float:
+        hidden = hidden_entries(x_ng, rows, fraction=0.2, seed=0, stream="val", entries=entries)
+        return float(per_cell_metrics(pred, x_ng, mask_ng=hidden)["mse"].mean())
+
+    assert mse(given_detected, "nonzero") < 0.8 * mse(denoiser, "nonzero")  # the old score rewards the bias
+    assert mse(denoiser, "all") < 0.6 * mse(given_detected, "all")  # the new one rewards denoising
+
+
+def test_masker_renormalises_without_the_hidden_total(nb_cells):
+    """The masked input equals preprocessing the counts with the hidden genes removed from the cell."""
+    counts, _, _ = nb_cells
+    prep = Preprocessing(normalize_total=1e4, log1p=True, scale=True, max_value=None)
+    norm = counts / counts.sum(1, keepdims=True) * 1e4
+    logged = np.log1p(norm)
+    prep.scale_mean, prep.scale_std = logged.mean(0).tolist(), logged.std(0).tolist()
+    scaled = (logged - logged.mean(0)) / logged.std(0)
+    x_ng = torch.tensor(scaled, dtype=torch.float32)
+    hidden = hidden_entries(x_ng, torch.arange(len(x_ng)), fraction=0.3, seed=0, stream="test")
+    mean_g = x_ng.mean(0)
+    masked = InputMasker(200, fill="mean").fit(prep, mean_g=mean_g)(x_ng, hidden)
+    kept = np.where(hidden.numpy(), 0.0, counts)
+    expected = (np.log1p(kept / kept.sum(1, keepdims=True) * 1e4) - logged.mean(0)) / logged.std(0)
+    np.testing.assert_allclose(masked.numpy()[~hidden.numpy()], expected[~hidden.numpy()], atol=2e-3)
+    torch.testing.assert_close(masked[hidden], mean_g.expand_as(x_ng)[hidden])
+    # fill="zero": a zero count, carried through log1p and the scaling.
+    zero = InputMasker(200, fill="zero").fit(prep, mean_g=mean_g)(x_ng, hidden)
+    zero_scaled = torch.tensor(-logged.mean(0) / logged.std(0), dtype=torch.float32)
+    torch.testing.assert_close(zero[hidden], zero_scaled.expand_as(x_ng)[hidden])
+
+
+def test_pca_imputes_by_least_squares_on_observed_entries(nb_cells):
+    counts, _, _ = nb_cells
+    x_ng = torch.tensor(np.log1p(counts / counts.sum(1, keepdims=True) * 1e4), dtype=torch.float32)
+    base = Baselines(200, 6).fit([x_ng[:200]])
+    # A cell inside the PCA subspace is recovered exactly from its observed entries, whatever was hidden.
+    inside = base.pca(x_ng[200:210])
+    hidden = hidden_entries(inside, torch.arange(10), fraction=0.3, seed=0, stream="val")
+    filled = inside.masked_fill(hidden, 123.0)
+    torch.testing.assert_close(base.pca_observed(filled, ~hidden), inside, atol=1e-3, rtol=1e-3)
+    assert (base.pca(filled) - inside).abs().max() > 1.0  # the plain projection is pulled by the fill
+    everything = torch.ones_like(x_ng[200:], dtype=torch.bool)
+    torch.testing.assert_close(base.pca_observed(x_ng[200:], everything), base.pca(x_ng[200:]), atol=1e-4, rtol=1e-4)
