@@ -25,7 +25,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
 from sklearn.neighbors import NearestNeighbors
 
-from exprae.constants import LABEL_KEY, X_KEY
+from exprae.constants import BATCH_KEY, LABEL_KEY, X_KEY
 from exprae.scoring.metrics import knn_label_accuracy
 
 
@@ -109,7 +109,7 @@ def heldout_quality(module: Any, datamodule: Any, *, stage: str = "test", k: int
     with torch.no_grad():
         for batch in datamodule.split_chunks(stage):
             batch = {key: v.to(module.device) for key, v in batch.items()}
-            out = module(batch[X_KEY])
+            out = module(batch[X_KEY], batch.get(BATCH_KEY))
             xs.append(batch[X_KEY].float().cpu())
             targets.append(module.eval_target(batch).float().cpu())
             z_model.append(out["z"].float().cpu())
