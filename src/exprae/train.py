@@ -35,8 +35,23 @@ BATCH_NAMES = PerBatchMetrics.NAMES
 
 log = logging.getLogger(__name__)
 
-# The configs live at the repository's top level (configs/), next to src/; EXPRAE_CONFIG_DIR points elsewhere.
-CONFIG_DIR = os.environ.get("EXPRAE_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "configs"))
+
+def _config_dir() -> str:
+    """Where the Hydra configs are: ``EXPRAE_CONFIG_DIR``, else inside the installed package, else the checkout.
+
+    A wheel (or ``pip install .``) carries the repository's ``configs/`` as ``exprae/configs`` (pyproject.toml
+    maps it there at build time); an editable install reads the checkout's top-level ``configs/`` directly.
+    A user's own config folder is added with Hydra's ``--config-dir`` (searched before these).
+    """
+    if os.environ.get("EXPRAE_CONFIG_DIR"):
+        return os.environ["EXPRAE_CONFIG_DIR"]
+    installed = Path(__file__).resolve().parent / "configs"
+    if (installed / "train.yaml").is_file():
+        return str(installed)
+    return str(Path(__file__).resolve().parents[2] / "configs")
+
+
+CONFIG_DIR = _config_dir()
 
 
 def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
