@@ -16,7 +16,7 @@ from omegaconf import open_dict
 
 from exprae.errors import RunDirError, TrainingDivergedError
 from exprae.runs import lock as runguard
-from exprae.runs.resume import load_checkpoint
+from exprae.runs.checkpoint import read_checkpoint
 from exprae.train import train
 
 SMALL = ["model.latent_dim=4", "model.hidden_dims=[32]", "logger=none"]
@@ -54,7 +54,7 @@ def test_divergence_keeps_the_last_good_checkpoint(compose_cfg):
     message = str(info.value)
     assert "training diverged in epoch 2" in message and str(last) in message, message
     assert "(epoch 1, step" in message, message
-    ckpt = load_checkpoint(last)
+    ckpt = read_checkpoint(last)
     assert ckpt["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 

@@ -15,7 +15,7 @@ import torch
 
 from exprae.errors import ConfigError, DataError, DataFileNotFoundError
 from exprae.runs import rundir
-from exprae.runs.resume import load_checkpoint
+from exprae.runs.checkpoint import read_checkpoint
 from exprae.train import train
 
 SRC = Path(rundir.__file__).resolve().parents[2]
@@ -72,7 +72,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     _kill_mid_training(victim, last)
     assert victim.returncode == -signal.SIGKILL
     assert not (killed / rundir.METRICS_FILE).exists(), "the run finished before the kill"
-    epoch_at_kill = load_checkpoint(last)["epoch"]
+    epoch_at_kill = read_checkpoint(last)["epoch"]
     assert epoch_at_kill < 7
 
     _finish(_start(killed, "ckpt_path=last"))
@@ -84,7 +84,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     for stage in ("val", "test"):
         for name, value in a[stage]["model"].items():
             assert b[stage]["model"][name] == pytest.approx(value, rel=1e-6, abs=1e-7), (stage, name)
-    wa, wb = (load_checkpoint(d / "checkpoints" / "last.ckpt")["state_dict"] for d in (straight, killed))
+    wa, wb = (read_checkpoint(d / "checkpoints" / "last.ckpt")["state_dict"] for d in (straight, killed))
     assert wa.keys() == wb.keys()
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-6, atol=1e-7, msg=key)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from exprae.errors import ConfigError, DataError, DataFileNotFoundError
 from exprae.runs import rundir
+from exprae.runs.checkpoint import CHECKPOINT_DIR, read_checkpoint
 
 LAST = "last"  # ckpt_path=last: <run dir>/checkpoints/last.ckpt
 
@@ -20,7 +19,7 @@ def resolve_ckpt_path(ckpt_path: str | Path | None, out_dir: str | Path) -> str 
     if ckpt_path in (None, ""):
         return None
     if str(ckpt_path) == LAST:
-        path = Path(out_dir) / "checkpoints" / "last.ckpt"
+        path = Path(out_dir) / CHECKPOINT_DIR / "last.ckpt"
         if not path.is_file():
             raise DataFileNotFoundError(
                 f"ckpt_path=last, but {path} does not exist; to resume a run, point hydra.run.dir at its run "
@@ -33,22 +32,9 @@ def resolve_ckpt_path(ckpt_path: str | Path | None, out_dir: str | Path) -> str 
     return str(path)
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a Lightning checkpoint as plain data (``weights_only=True``): a pickle that runs code is refused."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise DataError(f"checkpoint {path} holds objects other than weights and plain data; refused: {e}") from e
-    except Exception as e:  # truncated or foreign file
-        raise DataError(f"checkpoint {path} could not be read (truncated or not a checkpoint?): {e}") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise DataError(f"{path} is not a Lightning checkpoint (no state_dict)")
-    return ckpt
-
-
 def check_resume(ckpt_path: str | Path, *, module: nn.Module, contract: dict[str, Any], out_dir: str | Path) -> None:
     """Refuse to resume from a checkpoint of another model shape, or onto data with other genes."""
-    saved = load_checkpoint(ckpt_path)["state_dict"]
+    saved = read_checkpoint(ckpt_path)["state_dict"]
     here = module.state_dict()
     missing, extra = sorted(set(here) - set(saved)), sorted(set(saved) - set(here))
     shapes = [
