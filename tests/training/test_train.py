@@ -70,10 +70,10 @@ def test_pca_start_is_kept_as_best_when_no_epoch_beats_it(compose_cfg):
             assert metrics[stage]["model"][name] == pytest.approx(metrics[stage]["pca"][name], rel=1e-4), (stage, name)
     assert metrics["val"]["model"]["loss"] == pytest.approx(start["score"], rel=1e-4)
     # The shrunk network really is worse: last.ckpt (the trained weights) is far from PCA on validation cells.
-    from exprae.runs.resume import load_checkpoint
+    from exprae.runs.checkpoint import read_checkpoint
 
-    last = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
-    best = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt")
+    last = read_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    best = read_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt")
     key = next(k for k in best["state_dict"] if k.endswith("weight") and best["state_dict"][k].abs().sum() > 0)
     assert last["state_dict"][key].norm() < 0.5 * best["state_dict"][key].norm()
 
