@@ -9,12 +9,18 @@ LABEL_KEY = "label"  # integer label per cell, for auxiliary latent losses
 BATCH_KEY = "batch"  # integer covariate codes per cell, cells x covariates (data.batch_key; batch first)
 TRUTH_KEY = "true_mean"  # noise-free profile (synthetic data only), after the same preprocessing
 INDEX_KEY = "index"  # row of the cell in the split's AnnData
+# Molecular cross-validation (data.mcv): the held-out molecules x'' of validation/test cells, for scoring only.
+MCV_TARGET_KEY = "mcv_target"  # x'' preprocessed like the input (normalised by its own total), cells x genes
+MCV_COUNTS_KEY = "mcv_counts"  # x'' as raw counts on the model's genes, for the count score
 
 # What every scored reconstruction is logged and saved with (exprae.scoring.metrics.ReconstructionMetrics computes them),
 # and the further scores of the same names: against the noise-free truth (synthetic data), and on entries hidden
 # from the encoder (the imputation score, module.mask_fraction).
 METRIC_NAMES = ("cosine", "pearson", "mse", "loss", "cosine_median", "cosine_p10")
-EXTRA_SCORES = {"truth": "{}_to_truth", "masked": "masked_{}"}
+# With data.mcv on, also against the held-out molecules x'' (molecular cross-validation); there the per-cell
+# Poisson NLL of x'' takes the place of the loss, logged as mcv_poisson.
+EXTRA_SCORES = {"truth": "{}_to_truth", "masked": "masked_{}", "mcv": "mcv_{}"}
+MCV_COUNT_SCORE = "mcv_poisson"
 
 # Where results land in AnnData, following scanpy's conventions.
 LATENT_OBSM = "X_exprae"

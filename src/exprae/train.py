@@ -144,7 +144,8 @@ def batch_report(
 def format_report(metrics: dict[str, Any]) -> str:
     """A plain-text table of val/test cosine, Pearson and MSE for the model and each scored baseline.
 
-    With a batch covariate, a second table gives the same scores per batch level and their spread.
+    With a molecule split (data.mcv) a second table gives the MCV scores against the held-out molecules; with a
+    batch covariate, a further table gives the scores per batch level and their spread.
     """
     k = metrics.get("latent_dim", "?")
     names = {
@@ -157,14 +158,20 @@ def format_report(metrics: dict[str, Any]) -> str:
         "batch_mean": "per-batch mean",
         "batch_pca": "per-batch PCA",
     }
-    cols = [(stage, m) for stage in ("val", "test") for m in ("cosine", "pearson", "mse")]
     width = max(len(label) for label in names.values()) + 2  # long loss names must not push numbers out of line
-    lines = [" " * width + "".join(f"{f'{s}/{m}':>14}" for s, m in cols)]
-    for who, label in names.items():
-        row = [metrics.get(s, {}).get(who, {}).get(m) for s, m in cols]
-        if all(v is None for v in row):
-            continue
-        lines.append(f"{label:<{width}}" + "".join(f"{v:>14.4f}" if v is not None else f"{'-':>14}" for v in row))
+    tables = [("cosine", "pearson", "mse")]
+    if "mcv_mse" in metrics.get("test", {}).get("model", {}):
+        tables.append(("mcv_mse", "mcv_cosine", "mcv_poisson"))
+    lines = []
+    for scores in tables:
+        cols = [(stage, m) for stage in ("val", "test") for m in scores]
+        lines.append(" " * width + "".join(f"{f'{s}/{m}':>{_column(m)}}" for s, m in cols))
+        for who, label in names.items():
+            row = [(m, metrics.get(s, {}).get(who, {}).get(m)) for s, m in cols]
+            if all(v is None for _, v in row):
+                continue
+            cells = (f"{v:>{_column(m)}.4f}" if v is not None else f"{'-':>{_column(m)}}" for m, v in row)
+            lines.append(f"{label:<{width}}" + "".join(cells))
     gain = metrics.get("gain_over_pca")
     if gain:
         k_equiv = gain["components"]
@@ -187,21 +194,26 @@ def format_report(metrics: dict[str, Any]) -> str:
                 )
     by_batch = metrics.get("by_batch")
     if by_batch:
+        base_cols = [(stage, m) for stage in ("val", "test") for m in ("cosine", "pearson", "mse")]
         rows = []
         for who in ("model", "pca", "batch_pca"):
             for level in [*by_batch["levels"], "spread"]:
                 if level == "spread":
-                    row = [by_batch["spread"].get(s, {}).get(who, {}).get(m) for s, m in cols]
+                    row = [by_batch["spread"].get(s, {}).get(who, {}).get(m) for s, m in base_cols]
                 else:
-                    row = [by_batch.get(s, {}).get(who, {}).get(level, {}).get(m) for s, m in cols]
+                    row = [by_batch.get(s, {}).get(who, {}).get(level, {}).get(m) for s, m in base_cols]
                 if any(v is not None for v in row):
                     rows.append((f"{names[who].split(' (')[0]} [{level}]", row))
         width = max([22, *(len(label) + 2 for label, _ in rows)])
         lines.append(f"\nper {by_batch['key']} (held-out cells of each level; spread = max - min over levels)")
-        lines.append(f"{'':<{width}}" + "".join(f"{f'{s}/{m}':>14}" for s, m in cols))
+        lines.append(f"{'':<{width}}" + "".join(f"{f'{s}/{m}':>14}" for s, m in base_cols))
         for label, row in rows:
             lines.append(f"{label:<{width}}" + "".join(f"{v:>14.4f}" if v is not None else f"{'-':>14}" for v in row))
     return "\n".join(lines)
+
+
+def _column(metric: str) -> int:
+    return max(14, len(metric) + 7)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

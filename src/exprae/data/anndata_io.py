@@ -116,8 +116,21 @@ def check_matrix(
         )
 
 
-def check_counts(x: np.ndarray | sp.spmatrix, *, obs_names: Sequence[str], var_names: Sequence[str], what: str) -> None:
-    """Refuse a count-likelihood target that is not raw counts (NaN/inf, negative or non-integer values)."""
+COUNT_LOSS_HINT = (
+    "count likelihoods (poisson, nb, zinb) need raw integer counts: point data.target_layer at a layer of raw "
+    "counts (e.g. data.target_layer=counts), or use an expression loss such as loss=mse"
+)
+
+
+def check_counts(
+    x: np.ndarray | sp.spmatrix,
+    *,
+    obs_names: Sequence[str],
+    var_names: Sequence[str],
+    what: str,
+    hint: str = COUNT_LOSS_HINT,
+) -> None:
+    """Refuse a matrix that is not raw counts (NaN/inf, negative or non-integer values); ``hint`` says why it must be."""
     csr = sp.csr_matrix(x) if sp.issparse(x) else None
     values = csr.data if csr is not None else np.asarray(x)
     finite = np.isfinite(values)
@@ -132,9 +145,7 @@ def check_counts(x: np.ndarray | sp.spmatrix, *, obs_names: Sequence[str], var_n
         example = values[mask][0]
         raise DataError(
             f"{what} has {int(mask.sum())} {label} values (e.g. {example:g} in cell {np.asarray(obs_names)[rows[0]]!r}, "
-            f"gene {np.asarray(var_names)[cols[0]]!r}); count likelihoods (poisson, nb, zinb) need raw integer "
-            "counts: point data.target_layer at a layer of raw counts (e.g. data.target_layer=counts), or use an "
-            "expression loss such as loss=mse"
+            f"gene {np.asarray(var_names)[cols[0]]!r}); {hint}"
         )
 
 

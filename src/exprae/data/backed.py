@@ -28,7 +28,17 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from exprae.constants import BATCH_KEY, INDEX_KEY, LABEL_KEY, TARGET_KEY, X_KEY
+from exprae.constants import (
+    BATCH_KEY,
+    INDEX_KEY,
+    LABEL_KEY,
+    MCV_COUNTS_KEY,
+    MCV_TARGET_KEY,
+    SIZE_FACTOR_KEY,
+    TARGET_KEY,
+    X_KEY,
+)
+from exprae.data.mcv import MoleculeSplit
 from exprae.data.preprocessing import Preprocessing
 from exprae.data.streaming_stats import fit_streaming
 from exprae.errors import ConfigError, DataError, MissingKeyError
@@ -124,7 +134,15 @@ class BackedCells:
     workers however many cells the file has.
     """
 
-    def __init__(self, path: str | Path, *, layer: str | None, preprocess: Preprocessing, chunk_size: int) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        layer: str | None,
+        preprocess: Preprocessing,
+        chunk_size: int,
+        mcv: MoleculeSplit | None = None,
+    ) -> None:
         if chunk_size < 1:
             raise ConfigError(f"data.chunk_size must be positive, got {chunk_size}")
         self.matrix = BackedMatrix(path, layer=layer)
@@ -134,15 +152,38 @@ class BackedCells:
                 f"{path}:{self.matrix.key} has {self.matrix.shape[1]} columns but {len(self.var_names)} gene names"
             )
         self.preprocess, self.chunk_size = preprocess, chunk_size
+        # data.mcv: every read is thinned to x' by the cell's file row, so streaming gives the in-memory split.
+        self.mcv = mcv if mcv is not None and mcv.enabled else None
 
     @property
     def n_obs(self) -> int:
         return self.matrix.shape[0]
 
     def raw(self, rows: np.ndarray) -> sp.csr_matrix | np.ndarray:
-        """Rows of the file's matrix as stored (float32), before preprocessing."""
-        x = self.matrix.read(rows, chunk_size=self.chunk_size)
-        return x.astype(np.float32, copy=False)
+        """Rows of the file's matrix as stored (float32), before preprocessing; under MCV their x' half."""
+        if self.mcv is not None:
+            return self.molecule_split(rows)[0]
+        return self.stored(rows)
+
+    def stored(self, rows: np.ndarray) -> sp.csr_matrix | np.ndarray:
+        """Rows of the file's matrix exactly as stored (float32)."""
+        return self.matrix.read(rows, chunk_size=self.chunk_size).astype(np.float32, copy=False)
+
+    def molecule_split(self, rows: np.ndarray) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+        """``(x', x'')`` of the given rows, drawn from the cells' file rows and the split's seed."""
+        what = f"{self.matrix.path} ({self.matrix.key})"
+        return self.mcv.split(self.stored(rows), rows, what=what, obs_names=rows.astype(str), var_names=self.var_names)
+
+    def held_out(self, rows: np.ndarray) -> dict[str, Any]:
+        """For scoring under MCV: x'' preprocessed like the input, x'' counts on the kept genes, x' size factors."""
+        x_train, x_held = self.molecule_split(rows)
+        var = pd.DataFrame(index=self.var_names)
+        keep = self.var_names.get_indexer(self.preprocess.genes)
+        return {
+            MCV_TARGET_KEY: self.preprocess.transform(ad.AnnData(X=x_held, var=var)).X,
+            MCV_COUNTS_KEY: x_held[:, keep],
+            SIZE_FACTOR_KEY: self.preprocess.size_factor(x_train),
+        }
 
     def per_cell(self, x_ng: sp.csr_matrix | np.ndarray) -> sp.csr_matrix | np.ndarray:
         """The stateless per-cell steps (normalize_total, log1p) on a block of rows, all genes."""
@@ -272,9 +313,11 @@ class BufferDataset(Dataset):
         split_rows: np.ndarray,
         label_codes: np.ndarray | None,
         batch_codes: np.ndarray | None = None,
+        held_out: bool = False,
     ) -> None:
         self.cells, self.split_rows, self.label_codes = cells, np.asarray(split_rows), label_codes
         self.batch_codes = batch_codes  # file rows x covariates
+        self.held_out = held_out  # add MCV's x'' for scoring (validation/test cells only)
 
     def __len__(self) -> int:
         return len(self.split_rows)
@@ -286,6 +329,7 @@ class BufferDataset(Dataset):
             "index": np.searchsorted(self.split_rows, rows),
             "labels": None if self.label_codes is None else self.label_codes[rows],
             "batches": None if self.batch_codes is None else self.batch_codes[rows],
+            "scored": self.cells.held_out(rows) if self.held_out else {},
         }
 
 
@@ -349,6 +393,8 @@ class BufferedBatchLoader:
             batch[LABEL_KEY] = torch.as_tensor(buffer["labels"][take], dtype=torch.long)
         if buffer["batches"] is not None:
             batch[BATCH_KEY] = torch.as_tensor(buffer["batches"][take], dtype=torch.long)
+        for key, m in buffer["scored"].items():
+            batch[key] = torch.from_numpy(_dense(m[take]) if m.ndim == 2 else np.asarray(m[take]))
         return batch
 
 

@@ -86,6 +86,7 @@ class CellDataset(Dataset):
         truth: np.ndarray | sp.spmatrix | None = None,
         library: np.ndarray | None = None,
         size_factor: np.ndarray | None = None,
+        scored: dict[str, np.ndarray | sp.spmatrix] | None = None,
     ) -> None:
         self.x = sp.csr_matrix(x, dtype=np.float32) if sp.issparse(x) else np.asarray(x, dtype=np.float32)
         self.target = (
@@ -103,6 +104,11 @@ class CellDataset(Dataset):
             if truth is None
             else (sp.csr_matrix(truth, dtype=np.float32) if sp.issparse(truth) else np.asarray(truth, dtype=np.float32))
         )
+        # Matrices only the scores read (MCV's held-out molecules), under their batch keys; densified per batch.
+        self.scored = {
+            key: sp.csr_matrix(m, dtype=np.float32) if sp.issparse(m) else np.asarray(m, dtype=np.float32)
+            for key, m in (scored or {}).items()
+        }
         # Per-cell scalars for count likelihoods: the target's total counts and the input's normalisation factor.
         self.per_cell = {
             key: torch.as_tensor(np.asarray(v, dtype=np.float32))
@@ -134,6 +140,8 @@ class CellDataset(Dataset):
             batch[TRUTH_KEY] = self._dense(self.truth, rows)
         for key, v in self.per_cell.items():
             batch[key] = v[rows]
+        for key, m in self.scored.items():
+            batch[key] = self._dense(m, rows)
         return batch
 
 

@@ -11,10 +11,13 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
+import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 
 from exprae.constants import (
+    MCV_COUNTS_KEY,
+    MCV_TARGET_KEY,
     TARGET_KEY,
     TRUTH_KEY,
     X_KEY,
@@ -39,6 +42,7 @@ from exprae.data.backed import (
 from exprae.data.batching import CellBatchSampler, CellDataset, batch_loader
 from exprae.data.covariates import Covariates, batch_keys, encode
 from exprae.data.datasets import load_builtin
+from exprae.data.mcv import MoleculeSplit
 from exprae.data.preprocessing import Preprocessing
 from exprae.data.split import split_cells
 from exprae.errors import ConfigError, DataError, MissingKeyError
@@ -48,6 +52,8 @@ SPLITS = ("train", "val", "test")
 TARGET_LAYER = "exprae_target"
 LIBRARY_OBS = "exprae_library_size"
 SIZE_FACTOR_OBS = "exprae_size_factor"
+# data.mcv: the held-out molecules x'' (preprocessed like the input; raw counts on the kept genes), scoring only.
+MCV_LAYERS = {MCV_TARGET_KEY: "exprae_mcv_target", MCV_COUNTS_KEY: "exprae_mcv_counts"}
 
 
 # ---------------------------------------------------------------- the datamodule
@@ -85,6 +91,7 @@ class ExpressionDataModule(pl.LightningDataModule):
         backed: bool = False,
         chunk_size: int = 1024,
         buffer_chunks: int = 8,
+        mcv: MoleculeSplit | dict | None = None,
     ) -> None:
         super().__init__()
         if dataset is not None and path is not None:
@@ -103,6 +110,8 @@ class ExpressionDataModule(pl.LightningDataModule):
         if isinstance(preprocess, dict) or preprocess is None:
             preprocess = Preprocessing(**(preprocess or {}))
         self.preprocess = preprocess
+        # data.mcv: train on x' ~ Binomial(x, p) of every cell, score validation/test cells against x'' = x - x'.
+        self.mcv = mcv if isinstance(mcv, MoleculeSplit) else MoleculeSplit(**(mcv or {}))
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         # Two seeds on purpose: split_seed picks the held-out cells (fixed across a seed sweep, so every run is
         # scored on the same cells); batch_seed orders the training batches (the config sets it to `seed`, so a
@@ -165,6 +174,13 @@ class ExpressionDataModule(pl.LightningDataModule):
             nonnegative=self.preprocess.needs_nonnegative,
             what=what,
         )
+        held_out = None
+        if self.mcv.enabled:
+            # From here on the model's data is x' alone: preprocessing is fitted on it, input and target come from it.
+            x_train, held_out = self.mcv.split(
+                adata.X, np.arange(adata.n_obs), what=what, obs_names=adata.obs_names, var_names=adata.var_names
+            )
+            adata = ad.AnnData(X=x_train, obs=adata.obs, var=adata.var)
         empty = _all_zero(adata.X, axis=1)
         if empty.any():
             warnings.warn(
@@ -189,8 +205,12 @@ class ExpressionDataModule(pl.LightningDataModule):
             self.adata.var[col] = full.var[col].reindex(self.adata.var_names).to_numpy()
         if self.count_target or self.target_layer is not None:
             self._attach_target(full, adata)
+        if held_out is not None:
+            self._attach_held_out(held_out, adata)
         if TRUTH_KEY in full.layers and self.layer_name == "X":
-            truth = ad.AnnData(X=full.layers[TRUTH_KEY], obs=adata.obs[[]], var=pd.DataFrame(index=adata.var_names))
+            # Under MCV the model sees x', whose expectation is p times the truth (it matters without normalisation).
+            truth_ng = full.layers[TRUTH_KEY] * (self.mcv.fraction if self.mcv.enabled else 1.0)
+            truth = ad.AnnData(X=truth_ng, obs=adata.obs[[]], var=pd.DataFrame(index=adata.var_names))
             self.adata.layers[TRUTH_KEY] = self.preprocess.transform(truth).X
         if self.label_key is not None:
             labels = pd.Categorical(self.adata.obs[self.label_key])
@@ -236,7 +256,9 @@ class ExpressionDataModule(pl.LightningDataModule):
                 "data.on_device=true keeps the data on the GPU; it cannot be combined with data.backed=true"
             )
         read_h5ad_header(self.path)
-        cells = BackedCells(self.path, layer=self.layer, preprocess=self.preprocess, chunk_size=self.chunk_size)
+        cells = BackedCells(
+            self.path, layer=self.layer, preprocess=self.preprocess, chunk_size=self.chunk_size, mcv=self.mcv
+        )
         obs = read_obs(self.path)
         what = f"{self.source} ({cells.matrix.key})"
         if len(obs) != cells.n_obs:
@@ -274,6 +296,9 @@ class ExpressionDataModule(pl.LightningDataModule):
         """Keep the target for the kept genes: raw counts (count likelihoods) or preprocessed like the input."""
         name = self.target_layer if self.target_layer is not None else self.layer_name
         source = selected if self.target_layer in (None, self.layer) else select_matrix(full, self.target_layer)
+        if self.mcv.enabled and source is not selected:
+            self._check_mcv_target(source, full)
+            source = selected  # the same raw counts, thinned: the target is x' too
         what = f"data.target_layer={name!r} of {self.source}"
         if self.target_layer is None:
             what = f"the count target {name!r} of {self.source} (data.target_layer unset: the input's own matrix)"
@@ -295,14 +320,29 @@ class ExpressionDataModule(pl.LightningDataModule):
         check_counts(counts, obs_names=source.obs_names, var_names=genes, what=what)
         self.adata.layers[TARGET_LAYER] = counts
         self.adata.obs[LIBRARY_OBS] = _row_sums(counts).astype(np.float32)
-        # The factor normalize_total applied to each cell's input, so expected counts can be mapped to the input.
-        size_factor = np.ones(selected.n_obs)
-        if self.preprocess.normalize_total is not None:
-            totals = _row_sums(selected.X)
-            size_factor = np.divide(
-                float(self.preprocess.normalize_total), totals, out=np.zeros_like(totals), where=totals > 0
+        self.adata.obs[SIZE_FACTOR_OBS] = self.preprocess.size_factor(selected.X)
+
+    def _check_mcv_target(self, target: ad.AnnData, full: ad.AnnData) -> None:
+        """Under MCV a separate target layer must hold the input's own counts, else its x'' would not be held out."""
+        original = select_matrix(full, self.layer).X
+        same = target.shape == original.shape and (target.var_names == full.var_names).all()
+        if same:
+            diff = sp.csr_matrix(target.X, dtype=np.float64) - sp.csr_matrix(original, dtype=np.float64)
+            same = diff.count_nonzero() == 0
+        if not same:
+            raise ConfigError(
+                f"data.mcv splits the molecules of the input {self.layer_name!r} of {self.source}, but "
+                f"data.target_layer={self.target_layer!r} is a different matrix whose molecules would not be split; "
+                "with data.mcv set the target must be the input's counts (unset data.target_layer)"
             )
-        self.adata.obs[SIZE_FACTOR_OBS] = size_factor.astype(np.float32)
+
+    def _attach_held_out(self, held_out: sp.csr_matrix, selected: ad.AnnData) -> None:
+        """Keep x'' for scoring: preprocessed like the input (by its own total), and as counts on the kept genes."""
+        block = ad.AnnData(X=held_out, obs=selected.obs[[]], var=pd.DataFrame(index=selected.var_names))
+        self.adata.layers[MCV_LAYERS[MCV_TARGET_KEY]] = self.preprocess.transform(block).X
+        self.adata.layers[MCV_LAYERS[MCV_COUNTS_KEY]] = block[:, self.adata.var_names].X.tocsr()
+        if SIZE_FACTOR_OBS not in self.adata.obs:  # the count score maps expression back to x' counts with it
+            self.adata.obs[SIZE_FACTOR_OBS] = self.preprocess.size_factor(selected.X)
 
     # -- what the rest of exprae reads
 
@@ -328,6 +368,8 @@ class ExpressionDataModule(pl.LightningDataModule):
         if self.label_key is not None:
             labels = pd.Categorical(sub.obs[self.label_key], categories=self.label_categories).codes
         obs = {key: sub.obs[key].to_numpy() for key in (LIBRARY_OBS, SIZE_FACTOR_OBS) if key in sub.obs}
+        # x'' of held-out cells is scored against; the training cells' x'' is never served.
+        scored = {} if split == "train" else {k: sub.layers[v] for k, v in MCV_LAYERS.items() if v in sub.layers}
         return CellDataset(
             sub.X,
             target=sub.layers.get(TARGET_LAYER),
@@ -336,6 +378,7 @@ class ExpressionDataModule(pl.LightningDataModule):
             truth=sub.layers.get(TRUTH_KEY),
             library=obs.get(LIBRARY_OBS),
             size_factor=obs.get(SIZE_FACTOR_OBS),
+            scored=scored,
         )
 
     @property
@@ -405,7 +448,7 @@ class ExpressionDataModule(pl.LightningDataModule):
             rank=rank,
             pad=shuffle,
         )
-        if resident:
+        if resident and not data.scored:  # MCV's held-out layers are served from the host (val/test are small)
             from exprae.data.device import DeviceBatches, resident_nbytes, use_device_path
 
             trainer = getattr(self, "trainer", None)
@@ -436,7 +479,10 @@ class ExpressionDataModule(pl.LightningDataModule):
             pad=shuffle,
         )
         batches = None if self.covariates is None else self.covariates.codes_nk
-        dataset = BufferDataset(self.backed_cells, split_rows=rows, label_codes=codes, batch_codes=batches)
+        held_out = self.mcv.enabled and split != "train"
+        dataset = BufferDataset(
+            self.backed_cells, split_rows=rows, label_codes=codes, batch_codes=batches, held_out=held_out
+        )
         return BufferedBatchLoader(
             dataset, sampler, batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory
         )
@@ -467,6 +513,7 @@ class ExpressionDataModule(pl.LightningDataModule):
             "label_categories": self.label_categories,
             # Covariate levels in code order (exprae.data.covariates): a model's one-hot inputs follow this order.
             "batch_categories": None if self.covariates is None else self.covariates.categories,
+            "mcv": self.mcv.to_dict(),
         }
 
     def split_table(self) -> pd.DataFrame:

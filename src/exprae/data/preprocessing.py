@@ -79,6 +79,14 @@ class Preprocessing:
             sc.pp.log1p(adata)
         return adata
 
+    def size_factor(self, x_ng: np.ndarray | sp.spmatrix) -> np.ndarray:
+        """The per-cell factor ``normalize_total`` multiplies raw rows by (1 without it; 0 for an empty cell)."""
+        if self.normalize_total is None:
+            return np.ones(x_ng.shape[0], dtype=np.float32)
+        totals = np.asarray(x_ng.sum(axis=1), dtype=np.float64).ravel()
+        factor = np.divide(float(self.normalize_total), totals, out=np.zeros_like(totals), where=totals > 0)
+        return factor.astype(np.float32)
+
     def fit(self, adata: ad.AnnData) -> Preprocessing:
         """Learn the gene list and scaling statistics from ``adata`` (training cells, after per_cell)."""
         import scanpy as sc

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from exprae.constants import EXTRA_SCORES, METRIC_NAMES, TRUTH_KEY
+from exprae.constants import EXTRA_SCORES, MCV_COUNT_SCORE, METRIC_NAMES, TRUTH_KEY
 from exprae.errors import ConfigError
 
 _HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
@@ -171,6 +171,9 @@ def validation_metric_names(module: Any, datamodule: Any) -> set[str]:
             extra |= {"clisi", "silhouette_label", "silhouette_batch"}
     if getattr(module, "mask_fraction", 0.0) > 0:
         extra |= {EXTRA_SCORES["masked"].format(n) for n in names if n != "loss"}
+    split = getattr(datamodule, "mcv", None)
+    if split is not None and split.enabled:
+        extra |= {EXTRA_SCORES["mcv"].format(n) for n in names if n != "loss"} | {MCV_COUNT_SCORE}
     adata = getattr(datamodule, "adata", None)
     if adata is not None and TRUTH_KEY in adata.layers:
         extra |= {EXTRA_SCORES["truth"].format(n) for n in names if n != "loss"}

@@ -16,6 +16,9 @@ from exprae.constants import (
     INDEX_KEY,
     LABEL_KEY,
     LIBRARY_KEY,
+    MCV_COUNT_SCORE,
+    MCV_COUNTS_KEY,
+    MCV_TARGET_KEY,
     SIZE_FACTOR_KEY,
     TARGET_KEY,
     TRUTH_KEY,
@@ -28,6 +31,7 @@ from exprae.nn.baselines import BASELINE_NAMES, DEFAULT_BASELINES, BaselineName,
 from exprae.nn.count_head import InputView, count_parameters, expected_counts
 from exprae.scoring.integration import integration_scores
 from exprae.scoring.masking import InputMasker, MaskEntries, MaskFill, hidden_entries
+from exprae.scoring.mcv import MCVScorer, poisson_nll
 from exprae.scoring.metrics import PerBatchMetrics, ReconstructionMetrics, knn_label_accuracy
 from exprae.training.fast_step import (
     TrainStep,
@@ -165,6 +169,7 @@ class AutoencoderModule(pl.LightningModule):
             raise ValueError(f"{len(self.batch_levels)} batch_levels for a network with {n_batches} batch levels")
         if n_batches:  # next to the mean profile and PCA, their per-batch variants
             self.scored += tuple(BATCH_SCORED[who] for who in ("mean", "pca") if who in self.scored)
+        self.mcv: MCVScorer | None = None  # set at setup when the data has a molecule split (data.mcv)
         # Baselines are needed for the PCA start even when they are not reported.
         self.baselines = Baselines(net.n_genes, net.latent_dim, n_batches=n_batches)
         self.extra_baselines = ExtraBaselines(net.n_genes, net.latent_dim, self.scored, knn_k=knn_smoothing_k)
@@ -188,6 +193,13 @@ class AutoencoderModule(pl.LightningModule):
         """Fit the baselines on the training cells (and start the network at PCA) before the first fit."""
         if stage == "fit" and not bool(self.baselines.fitted):
             self.prepare_start(self.trainer.datamodule)
+        self.use_molecule_split(self.trainer.datamodule)
+
+    def use_molecule_split(self, datamodule: Any) -> None:
+        """Score against the held-out molecules x'' when the data has a molecule split (data.mcv)."""
+        split = getattr(datamodule, "mcv", None)
+        if split is not None and split.enabled:
+            self.mcv = MCVScorer(split, datamodule.preprocess)
 
     def start_at_pca(self) -> None:
         """Set the network's linear path (and residual units) from the fitted PCA baseline.
@@ -289,6 +301,8 @@ class AutoencoderModule(pl.LightningModule):
         if TRUTH_KEY in batch:
             for who, recon in recons.items():
                 self.metrics[f"{stage}_{who}_truth"].update(recon, batch[TRUTH_KEY])
+        if self.mcv is not None and MCV_TARGET_KEY in batch:
+            self._score_held_out_molecules(out, batch, recons, stage)
         if self.mask_fraction > 0:
             self._score_masked(batch, stage)
         return loss
@@ -333,6 +347,23 @@ class AutoencoderModule(pl.LightningModule):
         """What reconstructions are scored against: the target, or the input for count likelihoods."""
         # Count likelihoods fit raw counts; their metrics (and the baselines') are taken in the input's space.
         return batch[X_KEY] if self.count_loss else batch[TARGET_KEY]
+
+    def _score_held_out_molecules(
+        self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], recons: dict[str, torch.Tensor], stage: str
+    ) -> None:
+        """MCV: each method's own prediction of x'' (count models through their predictive distribution)."""
+        size_factor_n = batch.get(SIZE_FACTOR_KEY)
+        for who, recon in recons.items():
+            if who == "model" and self.count_loss:
+                params = count_parameters(out, batch)
+                stream = int(batch[INDEX_KEY][0]) if len(batch[INDEX_KEY]) else 0
+                pred = self.mcv.expected_view(params, size_factor_n, stream=stream)
+                mean_ng = self.mcv.count_mean(params=params)
+            else:
+                pred = recon
+                mean_ng = self.mcv.count_mean(recon_ng=recon, size_factor_n=size_factor_n)
+            nll_n = poisson_nll(batch[MCV_COUNTS_KEY], mean_ng)
+            self.metrics[f"{stage}_{who}_mcv"].update(pred, batch[MCV_TARGET_KEY], nll_n)
 
     def _score_masked(self, batch: dict[str, torch.Tensor], stage: str) -> None:
         """Hide entries of the input, reconstruct, and score the model and baselines on the hidden ones."""
@@ -437,7 +468,9 @@ class AutoencoderModule(pl.LightningModule):
             for extra, pattern in EXTRA_SCORES.items():
                 scored = self.metrics[f"{stage}_{who}_{extra}"]
                 if scored.update_count > 0:  # the same on every rank: the data has a truth layer or not; masking on
-                    values.update({pattern.format(k): v for k, v in scored.compute().items() if k != "loss"})
+                    for k, v in scored.compute().items():
+                        # Only MCV passes a per-cell score in the loss slot: the Poisson NLL of x''.
+                        values[MCV_COUNT_SCORE if k == "loss" else pattern.format(k)] = v
                 scored.reset()
             for name, value in values.items():
                 show = who == "model" and name in ("loss", "cosine")

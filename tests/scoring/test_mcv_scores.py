@@ -1,0 +1,137 @@
+"""MCV scores: hand-computed on tiny matrices, and end to end for the model and both baselines."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import poisson
+
+from exprae.constants import MCV_COUNTS_KEY, MCV_TARGET_KEY
+from exprae.data.mcv import MoleculeSplit
+from exprae.data.preprocessing import Preprocessing
+from exprae.scoring.mcv import MCVScorer, poisson_nll
+from exprae.train import train
+from exprae.training.config_checks import validation_metric_names
+
+MCV = ["data.mcv.fraction=0.5", "data.mcv.seed=1"]
+SMALL = ["model.latent_dim=4", "model.hidden_dims=[32]", "logger=none", "data.synthetic.n_cells=400"]
+SMALL += ["data.synthetic.n_genes=60", "data.batch_size=50"]
+
+
+def scorer(**preprocess) -> MCVScorer:
+    pre = Preprocessing(**preprocess)
+    pre.genes = ["a", "b", "c"]
+    if pre.scale:
+        pre.scale_mean, pre.scale_std = [1.0, 0.0, 2.0], [2.0, 1.0, 0.5]
+    return MCVScorer(MoleculeSplit(fraction=0.5), pre, n_samples=4000)
+
+
+def test_poisson_score_by_hand():
+    counts = torch.tensor([[0.0, 2.0, 5.0]])
+    mean = torch.tensor([[0.5, 2.0, 0.0]])  # the last is floored to one hundredth of a molecule
+    by_hand = np.mean([poisson.logpmf(0, 0.5), poisson.logpmf(2, 2.0), poisson.logpmf(5, 0.01)]) * -1
+    assert poisson_nll(counts, mean).item() == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_expression_maps_back_to_counts_through_the_inverse_preprocessing():
+    s = scorer(normalize_total=1e4, log1p=True, scale=True)
+    counts_ng = torch.tensor([[3.0, 0.0, 12.0]])
+    size_factor_n = torch.tensor([0.5])
+    recon = s.view(counts_ng, size_factor_n)  # counts -> the input space, then back
+    np.testing.assert_allclose(s.count_mean(recon_ng=recon, size_factor_n=size_factor_n), counts_ng, rtol=1e-5)
+
+
+def test_count_model_predicts_the_expected_log_not_the_log_of_the_mean():
+    s = scorer(normalize_total=1e4, log1p=True)
+    mu = torch.tensor([[0.3, 2.0, 15.0]])
+    size_factor_n = torch.tensor([2.0])
+    pred = s.expected_view({"log_mu": mu.log()}, size_factor_n, stream=0)
+    k = np.arange(200)
+    exact = [(poisson.pmf(k, m) * np.log1p(2.0 * k)).sum() for m in mu[0].tolist()]
+    # 4,000 draws: the Monte Carlo error of each mean is below 0.02 here (sd of log1p(2c) < 0.9).
+    np.testing.assert_allclose(pred[0].numpy(), exact, atol=0.05)
+    assert (torch.log1p(2.0 * mu[0]) - pred[0])[0] > 0.1  # log1p of the mean is 0.16 too high at mu = 0.3
+    again = s.expected_view({"log_mu": mu.log()}, size_factor_n, stream=0)
+    assert torch.equal(pred, again)  # a fixed seed: the same score every time
+
+
+def test_nb_draws_are_overdispersed():
+    s = scorer()  # raw counts: view is the identity, so E[view(c)] is the NB mean
+    mu = torch.full((1, 3), 4.0)
+    pred_nb = s.expected_view({"log_mu": mu.log(), "log_theta": torch.zeros(1, 3)}, None, stream=5)
+    np.testing.assert_allclose(pred_nb[0].numpy(), 4.0, atol=0.25)
+
+
+def test_every_method_is_scored_on_held_out_molecules(compose_cfg):
+    """The mean profile's MCV scores equal a recomputation from the data; model and PCA get their own."""
+    cfg = compose_cfg("data=synthetic_counts", *MCV, *SMALL, "trainer.max_epochs=2")
+    metrics = train(cfg)
+    for stage in ("val", "test"):
+        for who in ("model", "mean", "pca"):
+            scores = metrics[stage][who]
+            assert {"mcv_mse", "mcv_cosine", "mcv_pearson", "mcv_poisson"} <= set(scores), (stage, who)
+    from exprae.train import build
+
+    datamodule, _ = build(cfg)
+    train_x = datamodule.split_dataset("train").x.toarray()
+    test = datamodule.split_dataset("test")
+    target, held_counts = test.scored[MCV_TARGET_KEY], test.scored[MCV_COUNTS_KEY]
+    target = target.toarray() if hasattr(target, "toarray") else target
+    held_counts = held_counts.toarray() if hasattr(held_counts, "toarray") else held_counts
+    mean_g = train_x.mean(axis=0)
+    by_hand = ((mean_g - target) ** 2).mean(axis=1).mean()
+    assert metrics["test"]["mean"]["mcv_mse"] == pytest.approx(by_hand, rel=1e-4)
+    nll = -poisson.logpmf(held_counts, np.maximum(mean_g, 1e-2)).mean(axis=1).mean()
+    assert metrics["test"]["mean"]["mcv_poisson"] == pytest.approx(nll, rel=1e-4)
+    # Denoising shows: the trained model and PCA beat the mean profile on the held-out molecules.
+    assert metrics["test"]["pca"]["mcv_mse"] < metrics["test"]["mean"]["mcv_mse"]
+    assert math.isfinite(metrics["test"]["model"]["mcv_mse"])
+
+
+def test_count_model_is_scored_and_mcv_can_judge_checkpoints(compose_cfg):
+    monitor = ["callbacks.model_checkpoint.monitor=val/mcv_mse"]
+    cfg = compose_cfg("data=synthetic", "loss=nb", *MCV, *SMALL, *monitor, "trainer.max_epochs=3")
+    metrics = train(cfg)
+    assert metrics["start"]["monitor"] == "val/mcv_mse"  # the PCA start competes on MCV
+    assert metrics["test"]["model"]["mcv_mse"] < metrics["test"]["mean"]["mcv_mse"]
+
+
+def test_mcv_monitor_is_refused_without_a_molecule_split(compose_cfg):
+    from exprae.train import build
+
+    datamodule, module = build(compose_cfg("data=synthetic_counts", *SMALL))
+    assert "val/mcv_mse" not in validation_metric_names(module, datamodule)
+    datamodule, module = build(compose_cfg("data=synthetic_counts", *MCV, *SMALL))
+    assert {"val/mcv_mse", "val/mcv_poisson"} <= validation_metric_names(module, datamodule)
+
+
+@pytest.mark.slow
+def test_short_mcv_run_on_real_pbmc4k_counts(compose_cfg, realdata):
+    path = realdata("pbmc4k_soupx.h5ad")
+    overrides = ["data=h5ad", f"data.path={path}", *MCV, "data.preprocess.n_top_genes=500", "model.latent_dim=8"]
+    metrics = train(compose_cfg(*overrides, "logger=none", "trainer.max_epochs=2"))
+    test = metrics["test"]
+    # Real counts: PCA and the model denoise, so they predict the held-out half better than the average cell.
+    assert test["pca"]["mcv_mse"] < test["mean"]["mcv_mse"]
+    assert test["model"]["mcv_mse"] < test["mean"]["mcv_mse"]
+    # Against x'' a reconstruction scores worse than against its own noisy input x' (it cannot fit x'''s noise).
+    assert test["model"]["mcv_mse"] > test["model"]["mse"]
+
+
+def test_real_counts_experiment_composes_and_monitors_mcv(compose_cfg, tmp_path):
+    from exprae.data.datasets import synthetic_counts
+    from exprae.train import build
+
+    path = tmp_path / "counts.h5ad"
+    synthetic_counts(300, 120, n_types=4, store_truth=False, seed=0).write_h5ad(path)
+    cfg = compose_cfg("experiment=real_counts", f"data.path={path}", "data.preprocess.n_top_genes=50")
+    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    assert set(params["loss"]) == {"mse", "cosine", "mixed", "pearson", "poisson", "nb"}
+    assert math.prod(len(v) for v in params.values()) == 54
+    assert cfg.callbacks.model_checkpoint.monitor == "val/mcv_mse" == cfg.callbacks.early_stopping.monitor
+    datamodule, module = build(cfg)
+    assert datamodule.mcv.enabled and datamodule.n_genes == 50
+    assert cfg.callbacks.model_checkpoint.monitor in validation_metric_names(module, datamodule)
