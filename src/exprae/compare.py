@@ -21,6 +21,7 @@ from typing import Literal
 import pandas as pd
 from scipy import stats
 
+from exprae.report import mcv_latent
 from exprae.report.sweep_runs import STAGES, Run, find_runs, metrics_table, read_curves, setting_labels
 from exprae.runs import rundir
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 Stage = Literal["val", "test"]
 TABLE_METRICS = (("cosine", "cosine"), ("mse", "MSE"), ("pearson", "Pearson"))
-HIGHER_IS_BETTER = {"cosine": True, "pearson": True, "mse": False}
+HIGHER_IS_BETTER = {"cosine": True, "pearson": True, "mse": False, "mcv_mse": False}
 SCORED_LABELS = {"model": "exprae", "pca": "PCA", "mean": "mean profile"}
 ALPHA = 0.05  # significance level of the Welch t-test behind "exceeds the seed-to-seed spread"
 
@@ -302,6 +303,7 @@ def compare(
         else:  # never leave an earlier report's curves next to this report's table
             (sweep_dir / "curves.png").unlink(missing_ok=True)
     markdown = _markdown(sweep_dir, summary, keys, verdicts, failed, stage=stage)
+    markdown = "\n".join([markdown, *mcv_latent.markdown_section(summary, keys, stage=stage)])
     files.insert(2, rundir.write_text_atomic(sweep_dir / "summary.md", markdown + "\n"))
     return Report(sweep_dir, keys, table, summary, failed, verdicts, markdown, files)
 
