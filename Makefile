@@ -13,7 +13,7 @@ EXPERIMENT ?= loss_sweep
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install install-launchers train sweep compare test test-fast lint format tensorboard bench batch-bench strip-notebooks clean
+.PHONY: help install install-launchers train sweep compare test test-fast lint format tensorboard bench batch-bench scvi-side-by-side mcv-vs-truth strip-notebooks clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -52,6 +52,15 @@ lint: $(STAMP) ## ruff lint + format check
 format: $(STAMP) ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix src tests scripts notebooks
 	$(VENV)/bin/ruff format src tests scripts notebooks
+
+DATA ?= ../shared/realdata/pbmc4k_soupx.h5ad
+LATENT ?= 16
+SCVI_ARGS ?=
+scvi-side-by-side: $(STAMP) ## scVI vs PCA vs mean profile on exprae's split, x' and scores (DATA=file.h5ad LATENT=16; needs scvi-tools)
+	$(PY) scripts/scvi_side_by_side.py $(DATA) --latent $(LATENT) --out scvi_side_by_side/$(notdir $(basename $(DATA)))_$(LATENT) $(SCVI_ARGS)
+
+mcv-vs-truth: $(STAMP) ## does the MCV score rank denoisers like the distance to the truth? (synthetic counts sweep)
+	$(PY) scripts/mcv_vs_truth.py --out mcv_vs_truth
 
 BENCH_ARGS ?=
 bench: $(STAMP) ## training-speed table: exprae vs a per-cell DataLoader vs scvi-tools (GPU sizes on a GPU; BENCH_ARGS="--sizes 1e5x2000")
