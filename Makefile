@@ -2,6 +2,11 @@
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
+# CI=true (set by GitHub Actions, GitLab and most CI services): `make test` builds a fresh virtual environment in
+# .venv-ci from scratch every time, so CI installs what a new user installs and never reuses an old environment.
+ifeq ($(CI),true)
+VENV := .venv-ci
+endif
 PY := $(VENV)/bin/python
 # torch is installed first and pinned: on this CPU machine 2.13.0 comes from local disk; on a Linux GPU box
 # the same pin from PyPI is the CUDA build. Override with e.g. `make install TORCH_SPEC="torch==2.5.1"`.
@@ -13,7 +18,7 @@ EXPERIMENT ?= loss_sweep
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install install-launchers train sweep compare test test-fast lint format tensorboard bench batch-bench scvi-side-by-side mcv-vs-truth strip-notebooks clean
+.PHONY: help install install-launchers train sweep compare test test-fast test-gpu mutation lint format tensorboard bench batch-bench scvi-side-by-side mcv-vs-truth strip-notebooks clean
 
 help: ## show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,11 +44,22 @@ compare: $(STAMP) ## report on a sweep: tables, verdicts and plots (SWEEP=multir
 	@test -n "$(SWEEP)" || { echo "usage: make compare SWEEP=multirun/<date>/<time>"; exit 2; }
 	$(VENV)/bin/exprae-compare $(SWEEP)
 
-test: $(STAMP) ## run the full test suite (what CI runs)
+ifeq ($(CI),true)
+test:
+	rm -rf $(VENV)
+	$(MAKE) --no-print-directory install lint
+	$(PY) -m pytest -p no:cacheprovider
+else
+test: $(STAMP) ## run the full test suite (what CI runs; with CI=true: fresh .venv-ci, make lint, then every test)
 	$(PY) -m pytest
+endif
 
 test-fast: $(STAMP) ## run the tests not marked slow
 	$(PY) -m pytest -m "not slow"
+
+test-gpu: $(STAMP) ## on a CUDA machine: every test marked gpu (refuses to run, rather than skip them all, without CUDA)
+	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA device here; every gpu test would be skipped')"
+	$(PY) -m pytest -m gpu -p no:cacheprovider
 
 lint: $(STAMP) ## ruff lint + format check
 	$(VENV)/bin/ruff check src tests scripts notebooks
@@ -79,4 +95,4 @@ strip-notebooks: $(STAMP) ## remove outputs from notebooks/*.ipynb (they are com
 	$(PY) scripts/strip_notebooks.py
 
 clean: ## remove caches (keeps .venv and your runs)
-	rm -rf .pytest_cache .ruff_cache build src/*.egg-info
+	rm -rf .pytest_cache .ruff_cache build src/*.egg-info .venv-ci

@@ -305,7 +305,6 @@ def test_count_loss_training_lowers_heldout_nll(compose_cfg):
     assert more["val"]["model"]["nll"] < start["val"]["model"]["nll"]
 
 
-@pytest.mark.gpu
 def test_count_losses_experiment_composes_six_losses(compose_cfg):
     cfg = compose_cfg("experiment=count_losses")
     assert cfg.data.target_layer == "counts" and cfg.data.dataset == "synthetic"

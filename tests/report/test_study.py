@@ -23,7 +23,6 @@ from exprae.scoring.masking import InputMasker, hidden_entries
 from exprae.scoring.metrics import per_cell_metrics
 from exprae.train import build, train
 
-# logger=csv is not used: CSVLogger.log_hyperparams takes no metrics argument, which train() passes.
 QUIET = ["logger=none", "callbacks=none"]
 TINY_SYNTHETIC = ["data=synthetic", "data.synthetic.n_cells=300", "data.synthetic.n_genes=120", "model.latent_dim=8"]
 
