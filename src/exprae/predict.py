@@ -22,7 +22,7 @@ import anndata as ad
 
 VALID_KEYS = (
     "ckpt, data.path, data.layer, data.preprocess.*, out, overwrite, key_added, batch_size, allow_missing_genes, "
-    "baselines, transform_batch, device"
+    "baselines, transform_batch, recon, check_representation, device"
 )
 USAGE = "usage: exprae-predict ckpt=RUN_DIR_OR_CKPT data.path=IN.h5ad out=OUT.h5ad [overwrite=true] [key=value ...]"
 
@@ -50,6 +50,8 @@ class PredictConfig:
     allow_missing_genes: bool = False
     baselines: bool = False  # also write the mean-profile and PCA baselines' per-cell cosine
     transform_batch: str | None = None  # a batch level: the reconstruction of every cell as if from that batch
+    recon: str = "auto"  # auto | layer | obsm | none: where the reconstruction goes (exprae.inference.outputs)
+    check_representation: bool = True  # refuse data that does not look like the training representation
     device: str = "auto"  # auto (GPU when present), cpu, cuda, cuda:1, ...
 
 
@@ -129,6 +131,21 @@ def write_h5ad_atomic(adata: ad.AnnData, path: str | Path, *, overwrite: bool) -
     return path
 
 
+def refuse_other_representation(found: dict[str, Any], *, model_dir: Path) -> None:
+    """Refuse (before writing) data that is clearly in another representation than the model's training data."""
+    from exprae.inference.representation import RAW_FINDING, REFUSE
+
+    far = [v for v in (found.get("shift"), found.get("spread")) if v is not None and v > REFUSE]
+    raw = [f for f in found.get("findings", []) if f.startswith(RAW_FINDING)]
+    if far or raw:
+        raise PredictError(
+            f"the data does not look like the representation the model in {model_dir} was trained on: "
+            f"{'; '.join(found['findings'])}. Its scores would not be meaningful. Use the matrix the model was "
+            "trained on (data.layer=..., see data_contract.json), or pass check_representation=false to write "
+            "the output anyway"
+        )
+
+
 def predict(cfg: PredictConfig) -> ad.AnnData:
     """Load the model, embed the data, write the output; returns the embedded AnnData."""
     from exprae.data import read_h5ad
@@ -143,6 +160,10 @@ def predict(cfg: PredictConfig) -> ad.AnnData:
         raise FileNotFoundError(f"output folder {out.parent} does not exist")
     if out.suffix != ".h5ad":
         raise PredictError(f"out={out} should end in .h5ad")
+    from exprae.inference.outputs import RECON_LAYOUTS
+
+    if cfg.recon not in RECON_LAYOUTS:
+        raise PredictError(f"recon={cfg.recon!r} is not one of {list(RECON_LAYOUTS)}")
     model = load(cfg.ckpt, device=cfg.device)
     check_preprocess(dict(cfg.data.preprocess), model.preprocess.settings())
     if cfg.transform_batch is not None:  # an unknown level fails before the data is read
@@ -157,7 +178,10 @@ def predict(cfg: PredictConfig) -> ad.AnnData:
         allow_missing_genes=cfg.allow_missing_genes,
         baselines=cfg.baselines,
         transform_batch=cfg.transform_batch,
+        recon=cfg.recon,
     )
+    if cfg.check_representation:
+        refuse_other_representation(adata.uns[cfg.key_added]["representation"], model_dir=model.run_dir)
     write_h5ad_atomic(adata, out, overwrite=cfg.overwrite)
     return adata
 

@@ -257,8 +257,22 @@ def test_hvg_model_applies_the_saved_preprocessing(tmp_path):
     adata = exprae.embed(model, counts[:, ::-1].copy(), batch_size=100)
     assert sp.issparse(adata.X)
     in_model = adata.var_names.isin(model.var_names)
-    recon = adata.layers["exprae_recon"]
-    assert np.isfinite(recon[:, in_model]).all() and np.isnan(recon[:, ~in_model]).all()
+    # A model of a gene subset: the reconstruction covers its genes only (obsm), never a NaN-padded layer.
+    assert "exprae_recon" not in adata.layers
+    recon = adata.obsm["exprae_recon"]
+    assert recon.shape == (300, len(model.var_names)) and np.isfinite(recon).all()
+    assert set(adata.uns["exprae"]["recon_var_names"]) == set(model.var_names)
+    assert adata.uns["exprae"]["keys"]["recon"] == "obsm/exprae_recon"
+    # Its columns follow recon_var_names: the layout the docs promise (checked against layout="layer").
+    padded = exprae.embed(model, counts[:, ::-1].copy(), batch_size=100, recon="layer")
+    names = list(adata.uns["exprae"]["recon_var_names"])
+    np.testing.assert_allclose(padded[:, names].layers["exprae_recon"], recon, atol=1e-6)
+    assert np.isnan(padded.layers["exprae_recon"][:, ~in_model]).all()
+    skipped = exprae.embed(model, counts.copy(), recon="none")
+    assert "exprae_recon" not in skipped.obsm and "exprae_recon" not in skipped.layers
+    assert {"exprae_cosine", "exprae_pearson", "exprae_mse", "exprae_split"} <= set(skipped.obs)
+    with pytest.raises(ValueError, match="recon='dense' is not one of"):
+        exprae.embed(model, counts.copy(), recon="dense")
     assert (
         np.isfinite(adata.var["exprae_gene_r"][in_model]).all() and adata.var["exprae_gene_r"][~in_model].isna().all()
     )

@@ -8,10 +8,11 @@ The model works in its *preprocessed gene space*: the contract's genes (the high
 run used ``n_top_genes``), after the run's normalisation, log and scaling. ``embed`` therefore writes
 
 * ``obsm["X_{key}"]``: the latent code of every cell;
-* ``layers["{key}_recon"]``: the reconstruction, in the preprocessed space (not counts), in the AnnData's
-  gene order; genes the model does not reconstruct (outside its gene list) are NaN, so a value is never
-  mistaken for a prediction;
-* ``obs["{key}_cosine"]``, ``obs["{key}_mse"]``: per-cell agreement of reconstruction and preprocessed input;
+* ``layers["{key}_recon"]`` (the model covers every gene) or ``obsm["{key}_recon"]`` (the model's genes only,
+  named in ``uns["{key}"]["recon_var_names"]``): the reconstruction, in the preprocessed space (not counts);
+  see :mod:`exprae.inference.outputs` for the layouts and ``recon="none"`` to skip it;
+* ``obs["{key}_cosine"]``, ``obs["{key}_pearson"]``, ``obs["{key}_mse"]``: per-cell agreement of
+  reconstruction and preprocessed input;
 * ``obs["{key}_split"]``: each cell's split in the run that trained the model (train / val / test, matched by
   cell name against the run's ``split.csv``; "new" for cells it never saw), so no score over training cells
   passes for a held-out one (:mod:`exprae.inference.splits`);
@@ -45,6 +46,9 @@ import torch
 from exprae.data import check_matrix, select_matrix
 from exprae.data.covariates import level_code, recode
 from exprae.data.preprocessing import Preprocessing
+from exprae.inference.outputs import Recon, check_recon, write_reconstruction
+from exprae.inference.representation import WARN as REPRESENTATION_WARN
+from exprae.inference.representation import GeneMoments, compare_moments, raw_findings
 from exprae.inference.splits import gene_r_cells, split_counts, split_marks
 from exprae.nn import AutoEncoder
 from exprae.nn.baselines import Baselines
@@ -110,6 +114,13 @@ class ExpraeModel:
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
+
+    @property
+    def history(self) -> pd.DataFrame:
+        """The run's per-epoch metrics (``history.csv``; epoch 0 is the model before training), as scvi-tools'
+        ``model.history``; empty for a run trained before exprae wrote it."""
+        path = self.run_dir / rundir.HISTORY_FILE
+        return pd.read_csv(path) if path.is_file() else pd.DataFrame()
 
     def to(self, device: str | torch.device) -> ExpraeModel:
         """Move the network and baselines to ``device`` (in place; returns self)."""
@@ -405,9 +416,14 @@ def embed(
     allow_missing_genes: bool = False,
     baselines: bool = False,
     transform_batch: str | None = None,
+    recon: Recon = "auto",
     copy: bool = False,
 ) -> ad.AnnData:
     """Encode and reconstruct every cell of ``adata``; write the results where scanpy users look.
+
+    ``recon`` places the reconstruction (:mod:`exprae.inference.outputs`): ``"auto"`` a layer when the model
+    covers every gene of ``adata``, else ``obsm["{key}_recon"]`` over the model's genes only; ``"layer"``,
+    ``"obsm"`` or ``"none"`` (skip it: latent and scores are always written).
 
     ``layer=None`` reads the matrix the model was trained on (its contract's layer); genes are matched by
     name, so their order does not matter. ``baselines=True`` also writes the per-cell cosine of the mean-profile
@@ -420,6 +436,7 @@ def embed(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     if not key_added or not isinstance(key_added, str):
         raise ValueError(f"key_added must be a non-empty string, got {key_added!r}")
+    check_recon(recon)
     target_code = None if transform_batch is None else level_code(model.batch_categories, transform_batch)
     batch_nk = recode(adata.obs, model.batch_categories, what="the data") if model.batch_categories else None
     adata = adata.copy() if copy else adata
@@ -432,11 +449,14 @@ def embed(
     written = (dest >= 0) & source.present_g
 
     z_nk = np.empty((adata.n_obs, model.latent_dim), dtype=np.float32)
-    recon = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
-    cell = {name: np.empty(adata.n_obs, dtype=np.float32) for name in ("cosine", "mse")}
+    # Only the model's genes that are in adata: never a cells x all-genes array of NaN (see outputs).
+    recon_nm = np.empty((adata.n_obs, int(written.sum()) if recon != "none" else 0), dtype=np.float32)
+    cell = {name: np.empty(adata.n_obs, dtype=np.float32) for name in ("cosine", "pearson", "mse")}
     if baselines:
         cell.update({name: np.empty(adata.n_obs, dtype=np.float32) for name in ("meanprofile_cosine", "pca_cosine")})
     gene_r = _GeneCorrelation(int(present_g.sum()), device)
+    moments = GeneMoments(int(present_g.sum()), device)
+    findings = raw_findings(source.x[: min(adata.n_obs, batch_size)], model.preprocess.settings())
     splits_n = split_marks(adata.obs_names, model.run_dir)
     # Per-gene r over the cells the model was not trained on (all cells only when every one is a training cell).
     gene_r_rows, gene_r_covers = gene_r_cells(splits_n)
@@ -454,18 +474,20 @@ def embed(
                 as_target_nk[:, 0] = target_code
                 written_ng = model.net(x_ng, codes_nk, decode_batch_nk=as_target_nk)["recon"].float()
             scores = per_cell_metrics(recon_ng[:, present_g], x_ng[:, present_g])
-            cell["cosine"][rows] = scores["cosine"].cpu().numpy()
-            cell["mse"][rows] = scores["mse"].cpu().numpy()
+            for name in ("cosine", "pearson", "mse"):
+                cell[name][rows] = scores[name].cpu().numpy()
             if baselines:
                 for who, base_ng in model.baselines(x_ng).items():  # the plain baselines, as without covariates
                     name = "meanprofile_cosine" if who == "mean" else f"{who}_cosine"
                     cell[name][rows] = (
                         per_cell_metrics(base_ng[:, present_g], x_ng[:, present_g])["cosine"].cpu().numpy()
                     )
+            moments.update(x_ng[:, present_g])
             keep = torch.as_tensor(gene_r_rows[rows], device=device)
             gene_r.update(x_ng[keep][:, present_g], recon_ng[keep][:, present_g])
             z_nk[rows] = out["z"].float().cpu().numpy()
-            recon[np.ix_(rows, dest[written])] = written_ng[:, torch.as_tensor(written, device=device)].cpu().numpy()
+            if recon != "none":
+                recon_nm[rows] = written_ng[:, torch.as_tensor(written, device=device)].cpu().numpy()
 
     r_model = np.full(len(genes), np.nan, dtype=np.float32)
     r_model[source.present_g] = gene_r.compute()
@@ -473,18 +495,44 @@ def embed(
     r_var[dest[dest >= 0]] = r_model[dest >= 0]
 
     adata.obsm[f"X_{key_added}"] = z_nk
-    adata.layers[f"{key_added}_recon"] = recon
     for name, values in cell.items():
         adata.obs[f"{key_added}_{name}"] = values
     adata.var[f"{key_added}_gene_r"] = r_var
     adata.uns[key_added] = _settings(model, source, key_added=key_added, batch_size=batch_size, baselines=baselines)
+    where = write_reconstruction(adata, recon_nm, list(genes[written]), key=key_added, recon=recon)
+    adata.uns[key_added]["keys"]["recon"] = None if where is None else f"{where}/{key_added}_recon"
     adata.obs[f"{key_added}_split"] = splits_n
+    adata.uns[key_added]["representation"] = _check_representation(model, moments, findings, source.present_g)
     adata.uns[key_added]["n_cells_per_split"] = split_counts(splits_n)
     adata.uns[key_added]["gene_r_cells"] = gene_r_covers
     if model.batch_categories:
         adata.uns[key_added]["batch_keys"] = list(model.batch_categories)
         adata.uns[key_added]["transform_batch"] = "" if transform_batch is None else str(transform_batch)
     return adata
+
+
+def _check_representation(
+    model: ExpraeModel, moments: GeneMoments, findings: list[str], present_g: np.ndarray
+) -> dict[str, Any]:
+    """Compare the embedded cells with the training cells' statistics; warn on each sign of another representation."""
+    base = model.baselines
+    comparison = compare_moments(
+        moments, base.mean_g.double().cpu().numpy()[present_g], base.variance_g.double().cpu().numpy()[present_g]
+    )
+    if comparison is not None and comparison.worst > REPRESENTATION_WARN:
+        findings = [*findings, f"{comparison.text()}, as if prepared differently from the training data"]
+    for finding in findings:
+        warnings.warn(
+            f"these cells may not be in the representation the model was trained on: {finding}. Scores and latents "
+            "of such data are not meaningful; use the same matrix (data.layer) and preparation as in training",
+            UserWarning,
+            stacklevel=3,
+        )
+    return {
+        "shift": None if comparison is None else comparison.shift,
+        "spread": None if comparison is None else comparison.spread,
+        "findings": list(findings),
+    }
 
 
 def _settings(
@@ -506,8 +554,7 @@ def _settings(
         "baselines": baselines,
         "keys": {
             "obsm": f"X_{key_added}",
-            "layer": f"{key_added}_recon",
-            "obs": [f"{key_added}_cosine", f"{key_added}_mse", f"{key_added}_split"],
+            "obs": [f"{key_added}_{name}" for name in ("cosine", "pearson", "mse", "split")],
             "var": f"{key_added}_gene_r",
         },
     }
