@@ -6,8 +6,10 @@ exprae-train -m loss=mse,cosine,mixed seed=0,1,2
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,15 @@ from exprae.scoring.heldout_quality import heldout_quality
 from exprae.scoring.metrics import PerBatchMetrics
 from exprae.scoring.pca_gain import gain_over_pca
 from exprae.training.config_checks import check_config, check_monitors, check_sizes, validation_metric_names
+from exprae.training.console import (
+    console_filter,
+    emit,
+    quiet_lightning,
+    resolve_console,
+    route_to_logging,
+    short_warnings,
+)
+from exprae.training.history import History
 from exprae.training.hparams import log_final_hparams
 from exprae.training.module import AutoencoderModule, level_key
 
@@ -223,25 +234,31 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     and a run that fails before then leaves no run directory (see :mod:`exprae.runs.lock`).
     """
     check_config(cfg)
+    console = resolve_console(cfg.get("console", "auto"), progress_bar=bool(cfg.trainer.get("enable_progress_bar")))
     out_dir = Path(cfg.paths.output_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
-    with runguard.claim(out_dir, resume=ckpt_path is not None):
+    with runguard.claim(out_dir, resume=ckpt_path is not None), quiet_lightning(), console_filter(console):
         try:
-            return _train(cfg, out_dir, ckpt_path)
+            return _train(cfg, out_dir, ckpt_path, console=console)
         except BaseException:
             runguard.discard_if_unused(out_dir)
             raise
 
 
-def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, Any]:
+def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None, *, console: str) -> dict[str, Any]:
     if cfg.get("seed") is not None:
-        pl.seed_everything(cfg.seed, workers=True)
+        pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, module = build(cfg)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     if not loggers:  # LearningRateMonitor refuses to run without a logger; with logger=none there is nothing to log to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    history = next((c for c in callbacks if isinstance(c, History)), None)
+    if history is not None:
+        history.show_epochs = console != "bar"  # quiet: the lines reach train.log only (console_filter)
+    trainer: pl.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_progress_bar=console == "bar"
+    )
     try:  # a bad optimizer or scheduler setting (optimizer.lr=-1) fails here, before any file is written
         module.configure_optimizers()
     except (ValueError, TypeError) as e:
@@ -259,7 +276,8 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
         rundir.write_text_atomic(out_dir / rundir.SPLIT_FILE, datamodule.split_table().to_csv(index=False))
         rundir.write_json(out_dir / rundir.ENVIRONMENT_FILE, {"seed": cfg.get("seed"), **rundir.environment()})
         rundir.write_config(out_dir, cfg)  # train(cfg) from Python: keep the run loadable by exprae.load
-    log.info("training on %s: %d cells x %d genes", datamodule.source, datamodule.adata.n_obs, datamodule.n_genes)
+    if trainer.is_global_zero:
+        emit(_header(cfg, datamodule, module, out_dir))
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     start = None
     if ckpt_path is None and module.net.init == "pca" and checkpoint is not None and checkpoint.monitor:
@@ -271,7 +289,10 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
     start_kept = (
         start is not None and best is not None and _keep_start_if_better(trainer, module, checkpoint, start, best)
     )
-    val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
+    # Not logged again: the best checkpoint's validation scores under the val/* tags would draw a false last
+    # point on every TensorBoard curve (a jump back to the best epoch's value at the final step).
+    with _without_loggers(trainer):
+        val = trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     test = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False, weights_only=True)
     metrics = {
         "loss": cfg.loss._target_.rsplit(".", 1)[-1],
@@ -280,6 +301,9 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
         "n_cells": {split: len(idx) for split, idx in datamodule.splits.items()},
         "n_genes": datamodule.n_genes,
         "epochs_trained": trainer.current_epoch,
+        # Counted from 1; 0 is the model before training (the PCA start). None without a history callback.
+        "best_epoch": _best_epoch(history, trainer),
+        "stopped": history.stopped if history is not None else None,
         "best_checkpoint": str(Path(best).relative_to(out_dir)) if best else None,
         # The PCA start's validation score; "kept": no epoch beat it, so best_checkpoint holds the start.
         "start": None if start is None else {"monitor": checkpoint.monitor, "score": start[1], "kept": start_kept},
@@ -303,8 +327,35 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> dict[str, A
         step=trainer.global_step,
     )
     if trainer.is_global_zero:
-        print(f"\nexprae run {out_dir}\n{format_report(metrics)}\n")
+        emit(f"\nexprae run {out_dir}\n{format_report(metrics)}\n")
     return metrics
+
+
+def _header(cfg: DictConfig, datamodule: ExpressionDataModule, module: AutoencoderModule, out_dir: Path) -> str:
+    """The first line of a run: data, cells per split, the model's size, the loss, where results go."""
+    n = {split: len(idx) for split, idx in datamodule.splits.items()}
+    params = sum(p.numel() for p in module.net.parameters())
+    return (
+        f"exprae-train: {datamodule.source} ({datamodule.layer_name}), {sum(n.values())} cells x {datamodule.n_genes} "
+        f"genes ({n.get('train', 0)} train / {n.get('val', 0)} val / {n.get('test', 0)} test); "
+        f"{type(module.net).__name__} {params:,} parameters, latent {module.net.latent_dim}, "
+        f"loss {cfg.loss._target_.rsplit('.', 1)[-1]}, seed {cfg.get('seed')}\nrun directory: {out_dir}"
+    )
+
+
+def _best_epoch(history: History | None, trainer: pl.Trainer) -> int | None:
+    best = history.best(trainer) if history is not None else None
+    return None if best is None else int(best["epoch"])
+
+
+@contextlib.contextmanager
+def _without_loggers(trainer: pl.Trainer) -> Iterator[None]:
+    loggers = trainer.loggers
+    trainer.loggers = []
+    try:
+        yield
+    finally:
+        trainer.loggers = loggers
 
 
 def _score_start(
@@ -346,30 +397,44 @@ def _keep_start_if_better(
 
 
 def _flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """Scalar hyperparameters of the swappable parts, flattened for TensorBoard's HParams tab."""
-    keep = {
-        k: OmegaConf.to_container(cfg[k], resolve=True)
-        for k in ("data", "model", "loss", "aux", "optimizer")
-        if k in cfg
-    }
+    """Scalar hyperparameters of the swappable parts, flattened for TensorBoard's HParams tab.
+
+    ``x._target_`` becomes ``x`` = the class name (``loss=MSELoss``), ``_partial_`` is left out, booleans are
+    written as "true"/"false" (TensorBoard's number type would show them as 1.0/0.0); the trainer, the
+    checkpoint/early-stopping settings, the scheduler and the module's settings are included.
+    """
+    parts = ("data", "model", "loss", "aux", "module", "optimizer", "scheduler", "trainer")
+    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in parts if k in cfg and cfg[k] is not None}
+    for name in ("model_checkpoint", "early_stopping"):
+        if (cfg.get("callbacks") or {}).get(name) is not None:
+            keep[f"callbacks.{name}"] = OmegaConf.to_container(cfg.callbacks[name], resolve=True)
     flat: dict[str, Any] = {"seed": cfg.get("seed")}
 
     def walk(prefix: str, node: Any) -> None:
         if isinstance(node, dict):
             for k, v in node.items():
+                if k == "_partial_" or (prefix.startswith("trainer") and k in ("callbacks", "logger")):
+                    continue
+                if k == "_target_":
+                    flat[prefix] = str(v).rsplit(".", 1)[-1]
+                    continue
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
-        elif isinstance(node, (int, float, str, bool)) or node is None:
+        elif isinstance(node, bool):
+            flat[prefix] = "true" if node else "false"
+        elif isinstance(node, (int, float, str)) or node is None:
             flat[prefix] = "null" if node is None else node
         else:
             flat[prefix] = str(node)
 
     walk("", keep)
-    return flat
+    return {k: v for k, v in flat.items() if not k.endswith(("dirpath", "default_root_dir"))}
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Hydra entry point; returns the test cosine so sweepers can optimise it."""
+    short_warnings()
+    route_to_logging()
     try:
         metrics = train(cfg)
     except USER_ERRORS as e:

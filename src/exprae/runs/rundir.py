@@ -16,6 +16,8 @@ from typing import Any
 CONTRACT_FILE = "data_contract.json"  # genes, matrix and preprocessing the model expects
 SPLIT_FILE = "split.csv"  # which cells were train / val / test
 METRICS_FILE = "metrics.json"  # final val/test metrics of the model and the baselines
+HISTORY_FILE = "history.csv"  # one row per epoch: train/val metrics, learning rate, seconds
+CELLS_FILE = "cells.csv"  # per-cell val/test scores of the final model and the baselines
 ENVIRONMENT_FILE = "environment.json"  # versions and git commit, for reproducibility
 CONFIG_FILE = ".hydra/config.yaml"  # Hydra's resolved-at-compose config
 

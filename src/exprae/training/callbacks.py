@@ -12,10 +12,10 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.trainer.states import TrainerFn
 
-from exprae.constants import BATCH_KEY, TARGET_KEY, X_KEY
 from exprae.errors import ConfigError, TrainingDivergedError
 from exprae.losses import cosine_similarity
 from exprae.scoring import figures as plotting
+from exprae.training.cell_scores import scored_reconstructions
 
 
 class DivergenceGuard(Callback):
@@ -176,18 +176,10 @@ class ReconstructionFigures(pl.Callback):
     ) -> None:
         if not self._drawing:
             return
-        with torch.no_grad():
-            x_ng = batch[X_KEY].float()
-            out = pl_module(x_ng, batch.get(BATCH_KEY))
-            # As the module scores it: count likelihoods are compared in the input's space, with the input.
-            count_loss = getattr(pl_module, "count_loss", False)
-            target_ng = (x_ng if count_loss else batch[TARGET_KEY]).float()
-            recon_ng = (pl_module.reconstruct(out, batch) if count_loss else out["recon"]).float()
-            recons = {"model": recon_ng}
-            if getattr(pl_module, "with_baselines", False):
-                recons.update(pl_module.baselines(x_ng))
-            for who, r in recons.items():
-                self._cosines.setdefault(who, []).append(cosine_similarity(r.float(), target_ng).cpu().numpy())
+        target_ng, recons = scored_reconstructions(pl_module, batch)
+        recon_ng = recons["model"]
+        for who, r in recons.items():
+            self._cosines.setdefault(who, []).append(cosine_similarity(r, target_ng).cpu().numpy())
             room = self.max_cells - sum(len(t) for t, _ in self._cells)
             if room > 0:
                 self._cells.append((target_ng[:room].cpu().numpy(), recon_ng[:room].cpu().numpy()))

@@ -1,0 +1,132 @@
+"""Per-cell held-out scores of the final model and the baselines, saved as ``cells.csv`` in the run directory.
+
+A mean over cells hides who is behind it; two settings scored on the same held-out cells are best compared
+cell by cell (a paired difference, ``exprae-compare``'s bootstrap). The callback scores every validation and
+test cell of the *final* evaluation (the best checkpoint, after training: Lightning's ``validate``/``test``
+calls, not the per-epoch validation inside ``fit``) with the same reconstruction and target as the logged
+metrics, and writes one row per cell: its name, split, and cosine / Pearson / MSE of the model, the PCA and
+the mean-profile baseline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.trainer.states import TrainerFn
+
+from exprae.constants import BATCH_KEY, INDEX_KEY, TARGET_KEY, X_KEY
+from exprae.runs import rundir
+from exprae.scoring.metrics import per_cell_metrics
+
+SCORER_PREFIX = {"model": "", "pca": "pca_", "mean": "meanprofile_"}  # as exprae.embed names its obs columns
+FINAL_STAGES = {TrainerFn.VALIDATING: "val", TrainerFn.TESTING: "test"}
+
+
+def scored_reconstructions(pl_module: pl.LightningModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """``(target_ng, {"model": recon_ng, "pca": ..., "mean": ...})`` as the module scores them, without gradients.
+
+    Count likelihoods are compared in the input's representation, with the input itself as the target.
+    """
+    with torch.no_grad():
+        x_ng = batch[X_KEY].float()
+        out = pl_module(x_ng, batch.get(BATCH_KEY))  # batch covariates, as the module's own step
+        count_loss = getattr(pl_module, "count_loss", False)
+        target_ng = (x_ng if count_loss else batch[TARGET_KEY]).float()
+        recons = {"model": (pl_module.reconstruct(out, batch) if count_loss else out["recon"]).float()}
+        if getattr(pl_module, "with_baselines", False):
+            recons.update({who: r.float() for who, r in pl_module.baselines(x_ng).items()})
+    return target_ng, recons
+
+
+class CellScores(Callback):
+    """Score each cell of the final validation and test passes; write ``cells.csv`` into ``dirpath`` after testing."""
+
+    def __init__(self, *, dirpath: str | Path) -> None:
+        super().__init__()
+        self.dirpath = Path(dirpath)
+        self._rows: dict[str, list[dict[str, np.ndarray]]] = {"val": [], "test": []}
+
+    def _stage(self, trainer: pl.Trainer) -> str | None:
+        return None if trainer.sanity_checking else FINAL_STAGES.get(trainer.state.fn)
+
+    def _start(self, trainer: pl.Trainer) -> None:
+        stage = self._stage(trainer)
+        if stage is not None:  # the last call wins: the PCA start is validated too, before training
+            self._rows[stage] = []
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer)
+
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start(trainer)
+
+    def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: dict[str, torch.Tensor]) -> None:
+        stage = self._stage(trainer)
+        if stage is None:
+            return
+        target_ng, recons = scored_reconstructions(pl_module, batch)
+        row = {"index": batch[INDEX_KEY].cpu().numpy()}
+        for who, recon_ng in recons.items():
+            for name, values in per_cell_metrics(recon_ng, target_ng).items():
+                row[f"{SCORER_PREFIX[who]}{name}"] = values.cpu().numpy()
+        self._rows[stage].append(row)
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._collect(trainer, pl_module, batch)
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._collect(trainer, pl_module, batch)
+
+    def table(self, trainer: pl.Trainer) -> pd.DataFrame:
+        """One row per scored cell (all ranks), ordered by split then cell position."""
+        frames = []
+        datamodule = trainer.datamodule
+        for stage, rows in self._rows.items():
+            gathered = _gather(trainer, rows)
+            if not gathered:
+                continue
+            columns = {k: np.concatenate([r[k] for r in gathered]) for k in gathered[0]}
+            index = columns.pop("index")
+            frame = pd.DataFrame(columns).assign(_pos=index).drop_duplicates("_pos").sort_values("_pos")
+            names = np.asarray(datamodule.adata.obs_names)[datamodule.splits[stage][frame.pop("_pos").to_numpy()]]
+            frames.append(frame.assign(obs_name=names, split=stage))
+        if not frames:
+            return pd.DataFrame()
+        table = pd.concat(frames, ignore_index=True)
+        return table[["obs_name", "split", *[c for c in table.columns if c not in ("obs_name", "split")]]]
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        table = self.table(trainer)
+        if trainer.is_global_zero and not table.empty:
+            rundir.write_text_atomic(self.dirpath / rundir.CELLS_FILE, table.to_csv(index=False, float_format="%.6g"))
+
+
+def _gather(trainer: pl.Trainer, rows: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Every rank's rows on every rank (under DDP each rank scored its own shard of the cells)."""
+    if trainer.world_size == 1:
+        return rows
+    parts: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(parts, rows)
+    return [row for part in parts for row in part]
