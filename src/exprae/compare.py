@@ -10,6 +10,7 @@ setting), ``summary.md`` (the table and the verdicts) and the plots ``metrics.pn
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import sys
@@ -22,7 +23,16 @@ import pandas as pd
 from scipy import stats
 
 from exprae.report import mcv_latent
-from exprae.report.sweep_runs import STAGES, Run, find_runs, metrics_table, read_curves, setting_labels
+from exprae.report.paired import STATISTICS, PairedDifference, pair_runs, paired_bootstrap
+from exprae.report.sweep_runs import (
+    STAGES,
+    Run,
+    find_runs,
+    metrics_table,
+    read_curves,
+    read_history,
+    setting_labels,
+)
 from exprae.runs import rundir
 
 log = logging.getLogger(__name__)
@@ -70,6 +80,7 @@ class Verdict:
     gaps: tuple[Gap, ...] = ()
     pca_mean: float = math.nan
     panel: str = ""  # the settings compared, when a sweep splits into panels scored on different data
+    paired: PairedDifference | None = None  # best − runner-up, cell by cell on the same held-out cells
 
     @property
     def runner_up(self) -> Gap | None:
@@ -92,7 +103,11 @@ class Verdict:
         second = self.runner_up
         if second is None:
             return text + "; it is the only setting."
-        text += f"; next is {second.setting} with {_pm(second.mean, second.sd)}. Difference {second.difference:.2g}"
+        relative = f", {abs(second.difference / second.mean):.1%} of the runner-up's value" if second.mean else ""
+        text += (
+            f"; next is {second.setting} with {_pm(second.mean, second.sd)}. The best is better by "
+            f"{second.difference:.4f} {name}{relative}"
+        )
         if not math.isnan(second.pooled_sd):
             text += f" vs pooled seed-to-seed sd {second.pooled_sd:.2g}"
         if second.pooled_sd > 0:
@@ -108,6 +123,13 @@ class Verdict:
         behind = [g.setting for g in self.gaps if g.exceeds_spread]
         if len(self.gaps) > 1 and (tied or behind):
             text += f" Clearly behind the best: {', '.join(behind) or 'none'}; within its spread: {', '.join(tied) or 'none'}."
+        if self.paired is not None:
+            p = self.paired
+            parts = ", ".join(f"{stat} {p.intervals[stat].text()}" for stat in STATISTICS)
+            text += (
+                f" Paired cell by cell ({p.n_cells} {self.stage} cells, {p.n_pairs} run pair(s) by seed; best − next, "
+                f"95 % bootstrap interval over cells{' and seeds' if p.n_pairs > 1 else ''}): {parts}."
+            )
         if not math.isnan(self.pca_mean):
             gap = self.best_mean - self.pca_mean
             better = gap > 0 if self.higher_is_better else gap < 0
@@ -220,21 +242,39 @@ def _gap(best: pd.Series, other: pd.Series, *, col: str, higher_is_better: bool)
     return Gap(other["setting"], m2, s2, n2, difference=difference, pooled_sd=pooled, p_value=p_value)
 
 
-def markdown_table(summary: pd.DataFrame) -> str:
-    """Model rows per setting, then the baselines; each cell ``mean ± sd`` over seeds."""
+def table_rows(summary: pd.DataFrame) -> list[list[str]]:
+    """The header and one row per setting, then the baselines; each cell ``mean ± sd`` over seeds."""
     cols = [(stage, m, label) for stage in STAGES for m, label in TABLE_METRICS]
-    header = "| scored | setting | n | " + " | ".join(f"{s} {label}" for s, _, label in cols) + " |"
-    lines = [header, "|" + "---|" * (3 + len(cols))]
+    rows = [["scored", "setting", "n", *(f"{s} {label}" for s, _, label in cols)]]
 
-    def cells(row: pd.Series, who: str) -> str:
-        return " | ".join(_pm(row[f"{s}/{who}/{m}/mean"], row[f"{s}/{who}/{m}/sd"]) for s, m, _ in cols)
+    def cells(row: pd.Series, who: str) -> list[str]:
+        return [_pm(row[f"{s}/{who}/{m}/mean"], row[f"{s}/{who}/{m}/sd"]) for s, m, _ in cols]
 
     for _, row in summary.iterrows():
-        lines.append(f"| exprae | {row['setting']} | {row['n_runs']} | {cells(row, 'model')} |")
+        rows.append(["exprae", str(row["setting"]), str(row["n_runs"]), *cells(row, "model")])
     for who in ("pca", "mean"):
         for label, row, n in _baseline_rows(summary, who):
-            lines.append(f"| {SCORED_LABELS[who]} | {label} | {n} | {cells(row, who)} |")
-    return "\n".join(lines)
+            rows.append([SCORED_LABELS[who], label, str(n), *cells(row, who)])
+    return rows
+
+
+def markdown_table(summary: pd.DataFrame) -> str:
+    """:func:`table_rows` as a markdown table."""
+    header, *body = table_rows(summary)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in body])
+
+
+def text_table(summary: pd.DataFrame) -> str:
+    """:func:`table_rows` aligned in columns for a terminal (numbers right-aligned)."""
+    rows = table_rows(summary)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(
+            cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    )
 
 
 def _baseline_key(summary: pd.DataFrame, who: str) -> pd.Series:
@@ -283,7 +323,7 @@ def compare(
     keys = group_keys(table, runs, seed_key=seed_key)
     summary = summarize(table, keys)
     verdicts = [
-        decide(members, metric=m, stage=stage, panel=label)
+        _with_paired(decide(members, metric=m, stage=stage, panel=label), runs, table, keys)
         for label, members in panels(summary, keys, within=within)
         for m in ("cosine", "mse")
     ]
@@ -302,10 +342,47 @@ def compare(
             files.append(sweep_plots.curves_figure(curves, summary, path=sweep_dir / "curves.png"))
         else:  # never leave an earlier report's curves next to this report's table
             (sweep_dir / "curves.png").unlink(missing_ok=True)
-    markdown = _markdown(sweep_dir, summary, keys, verdicts, failed, stage=stage)
+    figures = [p.name for p in files if p.suffix == ".png"]
+    markdown = _markdown(sweep_dir, summary, keys, verdicts, failed, stage=stage, figures=figures)
     markdown = "\n".join([markdown, *mcv_latent.markdown_section(summary, keys, stage=stage)])
     files.insert(2, rundir.write_text_atomic(sweep_dir / "summary.md", markdown + "\n"))
     return Report(sweep_dir, keys, table, summary, failed, verdicts, markdown, files)
+
+
+def terminal_text(report: Report, *, stage: str = "test") -> str:
+    """The report for a terminal: the aligned table, the verdicts without markdown emphasis, failed runs."""
+    n_runs = int(report.summary["n_runs"].sum())
+    swept = ", ".join(report.group_keys) or "nothing but the seed"
+    lines = [
+        f"Sweep {report.sweep_dir}: {n_runs} finished run(s) grouped by {swept}; mean ± sd over seeds, per cell "
+        "on the held-out cells (the baselines on the same cells).",
+        "",
+        text_table(report.summary),
+        "",
+        f"Verdict ({stage} cells):",
+        *(f"- {v.sentence().replace('**', '')}" for v in report.verdicts),
+    ]
+    if report.failed:
+        lines += ["", f"Runs that could not be scored ({len(report.failed)}):"]
+        lines += [f"- {r.name} ({_override_text(r)}): {r.problem}" for r in report.failed]
+    return "\n".join(lines)
+
+
+def _with_paired(verdict: Verdict, runs: Sequence[Run], table: pd.DataFrame, keys: Sequence[str]) -> Verdict:
+    """The verdict with the paired per-cell bootstrap of best vs runner-up, where both runs saved ``cells.csv``."""
+    if verdict.runner_up is None:
+        return verdict
+    paths = {r.name: r.path for r in runs if r.finished}
+    labels = setting_labels(table, keys)
+
+    def keyed(setting: str) -> dict[tuple, Path]:
+        rows = table[labels == setting]
+        return {(row["split_seed"], row["seed"]): paths[row["run"]] for _, row in rows.iterrows()}
+
+    pairs = pair_runs(keyed(verdict.best), keyed(verdict.runner_up.setting), stage=verdict.stage, column=verdict.metric)
+    if not pairs:
+        return verdict
+    return dataclasses.replace(verdict, paired=paired_bootstrap(pairs))
 
 
 def _curves(runs: Sequence[Run], table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
@@ -314,11 +391,21 @@ def _curves(runs: Sequence[Run], table: pd.DataFrame, keys: Sequence[str]) -> pd
     frames = []
     for run in runs:
         if run.finished:
-            curves = read_curves(run.path)
+            curves = read_history(run.path)
+            if curves.empty:  # a run trained before history.csv: TensorBoard, counted from 0 there
+                curves = read_curves(run.path).assign(epoch=lambda c: c["epoch"] + 1)
             if curves.empty:
-                log.warning("run %s has no TensorBoard validation curves (logger=none?)", run.name)
+                log.warning("run %s has no validation curves (no history.csv, logger=none?)", run.name)
                 continue
-            frames.append(curves.assign(run=run.name, setting=labels[run.name], seed=run.config.get("seed")))
+            best = run.metrics.get("best_epoch")
+            frames.append(
+                curves.assign(
+                    run=run.name,
+                    setting=labels[run.name],
+                    seed=run.config.get("seed"),
+                    best_epoch=float("nan") if best is None else best,
+                )
+            )
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
@@ -344,6 +431,7 @@ def _markdown(
     failed: Sequence[Run],
     *,
     stage: str,
+    figures: Sequence[str] = (),
 ) -> str:
     swept = ", ".join(keys) or "nothing but the seed"
     n_runs = int(summary["n_runs"].sum())
@@ -359,6 +447,10 @@ def _markdown(
         "",
         *(f"- {v.sentence()}" for v in verdicts),
     ]
+    captions = {"metrics.png": "Final metrics per setting", "curves.png": "Validation curves per setting"}
+    if figures:
+        parts += ["", "## Figures", ""]
+        parts += [f"![{captions.get(name, name)}]({name})" for name in figures]
     if failed:
         parts += ["", f"## Runs that could not be scored ({len(failed)})", ""]
         parts += [f"- `{r.name}` ({_override_text(r)}): {r.problem}" for r in failed]
@@ -399,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"exprae-compare: {err}", file=sys.stderr)
         return 1
-    print(report.markdown)
+    print(terminal_text(report, stage=args.stage))
     print("\nwrote " + ", ".join(str(p) for p in report.files))
     return 0
 

@@ -94,7 +94,13 @@ def test_report_on_a_real_sweep(sweep_dir, capsys):
     assert np.allclose(written["test/model/cosine/mean"], report.summary["test/model/cosine/mean"], rtol=1e-12)
     assert len(pd.read_csv(sweep_dir / "runs.csv")) == len(runs)
     markdown = (sweep_dir / "summary.md").read_text()
-    assert report.markdown in printed and markdown.strip() == report.markdown
+    assert markdown.strip() == report.markdown
+    # The terminal gets an aligned table (no markdown pipes) and the verdicts without emphasis marks.
+    assert compare.text_table(report.summary) in printed and "| exprae |" not in printed and "**" not in printed
+    assert "![Final metrics per setting](metrics.png)" in markdown and "![Validation curves" in markdown
+    # cells.csv in every run: the verdicts carry the paired per-cell bootstrap of best vs runner-up.
+    assert all(v.paired is not None and v.paired.n_pairs == len(SEEDS) for v in report.verdicts)
+    assert "Paired cell by cell (70 test cells, 2 run pair(s) by seed" in markdown
     for loss in LOSSES:
         assert f"| exprae | loss={loss} | {len(SEEDS)} |" in markdown
     assert "| PCA | 32 comps, all settings |" in markdown and "| mean profile | all settings |" in markdown
@@ -144,12 +150,17 @@ def test_hparams_reach_tensorboard_for_every_run(sweep_dir):
         assert end.status == api_pb2.STATUS_SUCCESS
         assert start.hparams["seed"].number_value == run["metrics"]["seed"]
         assert start.hparams["model.latent_dim"].number_value == 32
-        loss_class = start.hparams["loss._target_"].string_value
-        assert loss_class == "exprae.losses." + run["metrics"]["loss"]
+        # The class name, not "_target_"/"_partial_" keys; booleans as words; the trainer and early stopping too.
+        loss_class = start.hparams["loss"].string_value
+        assert loss_class == run["metrics"]["loss"]
+        assert not [k for k in start.hparams if "_target_" in k or "_partial_" in k]
+        assert start.hparams["trainer.deterministic"].string_value in ("true", "false", "warn")
+        assert start.hparams["callbacks.early_stopping.patience"].number_value == 20
+        assert start.hparams["trainer.max_epochs"].number_value == 2
         hp_cosine = acc.Scalars("hp/test_cosine")[-1].value
         assert hp_cosine == pytest.approx(run["metrics"]["test"]["model"]["cosine"], rel=1e-6)
         hparams_yaml = (sweep_dir / name / "tensorboard" / "hparams.yaml").read_text()
-        assert "loss._target_: " + loss_class in hparams_yaml
+        assert "loss: " + loss_class in hparams_yaml
 
 
 @pytest.mark.slow
@@ -290,7 +301,7 @@ def test_cli_within_splits_the_verdicts_of_a_real_sweep(sweep_dir, capsys):
     assert compare.main([str(sweep_dir), "--no-plots", "--within", "loss"]) == 0
     out = capsys.readouterr().out
     for loss in LOSSES:
-        assert f"- within loss={loss}, **cosine** (test, higher is better): best is **loss={loss}**" in out
+        assert f"- within loss={loss}, cosine (test, higher is better): best is loss={loss}" in out
     assert compare.main([str(sweep_dir), "--no-plots", "--within", "model.latent_dim"]) == 1
     assert "--within model.latent_dim: not swept" in capsys.readouterr().err
 

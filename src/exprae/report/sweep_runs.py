@@ -107,6 +107,8 @@ def metrics_table(runs: list[Run]) -> pd.DataFrame:
         row.update({k: v for k, v in run.overrides.items() if k not in row})
         row["latent_dim"] = run.metrics.get("latent_dim")  # also the PCA baseline's number of components
         row["epochs_trained"] = run.metrics.get("epochs_trained")
+        row["best_epoch"] = run.metrics.get("best_epoch")  # counted from 1; 0: the model before training
+        row["split_seed"] = run.config.get("data.split_seed")  # which held-out cells: paired comparisons need it
         for stage in STAGES:
             for who in SCORED:
                 for metric in METRICS:
@@ -124,6 +126,17 @@ def setting_labels(table: pd.DataFrame, keys: Sequence[str]) -> pd.Series:
         index=table.index,
         dtype=object,
     )
+
+
+def read_history(run_dir: Path, *, tags: tuple[str, ...] = CURVE_TAGS) -> pd.DataFrame:
+    """Per-epoch validation scores from the run's ``history.csv`` (``epoch, tag, value``; epoch 0: before training)."""
+    path = run_dir / rundir.HISTORY_FILE
+    if not path.is_file():
+        return pd.DataFrame(columns=["epoch", "tag", "value"])
+    history = pd.read_csv(path)
+    present = [t for t in tags if t in history]
+    long = history.melt(id_vars="epoch", value_vars=present, var_name="tag", value_name="value").dropna()
+    return long.sort_values(["tag", "epoch"], ignore_index=True)
 
 
 def read_curves(run_dir: Path, *, tags: tuple[str, ...] = CURVE_TAGS) -> pd.DataFrame:
