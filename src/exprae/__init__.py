@@ -15,9 +15,10 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["embed", "load"]
+__all__ = ["embed", "load", "pl"]
 
 if TYPE_CHECKING:
+    from exprae import pl
     from exprae.inference import embed, load
 
 # Module paths of exprae 0.1's flat layout that a run directory's saved config.yaml may name as ``_target_``;
@@ -51,8 +52,15 @@ if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `import exprae` stays cheap and does not pull in torch/anndata until they are used.
+    if name == "pl":
+        return importlib.import_module("exprae.pl")
     if name in __all__:
         from exprae import inference
 
         return getattr(inference, name)
     raise AttributeError(f"module 'exprae' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # The lazy names too, so dir(exprae) and tab completion show load, embed and pl.
+    return sorted(set(globals()) | set(__all__))

@@ -346,7 +346,36 @@ def compare(
     markdown = _markdown(sweep_dir, summary, keys, verdicts, failed, stage=stage, figures=figures)
     markdown = "\n".join([markdown, *mcv_latent.markdown_section(summary, keys, stage=stage)])
     files.insert(2, rundir.write_text_atomic(sweep_dir / "summary.md", markdown + "\n"))
-    return Report(sweep_dir, keys, table, summary, failed, verdicts, markdown, files)
+    report = Report(sweep_dir, keys, table, summary, failed, verdicts, markdown, files)
+    html_path = rundir.write_text_atomic(sweep_dir / "report.html", sweep_html(report, stage=stage, figures=figures))
+    files.insert(3, html_path)
+    return report
+
+
+def sweep_html(report: Report, *, stage: str, figures: Sequence[str] = ()) -> str:
+    """``report.html`` of a sweep: the table, the verdicts (with the paired per-cell intervals), the figures inline."""
+    import html
+
+    from exprae.report import html as page_parts
+
+    header, *rows = table_rows(report.summary)
+    n_runs = int(report.summary["n_runs"].sum())
+    swept = ", ".join(report.group_keys) or "nothing but the seed"
+    verdicts = "".join(f"<li>{html.escape(v.sentence()).replace('**', '')}</li>" for v in report.verdicts)
+    parts = [
+        f"<h1>exprae sweep</h1><p class=meta>{html.escape(str(report.sweep_dir))}<br>{n_runs} finished run(s) "
+        f"grouped by {html.escape(swept)}; mean ± sd over seeds, per cell on the held-out cells.</p>",
+        "<h2>Results</h2>",
+        page_parts.table(header, rows, text_columns=2, classes=["model" if r[0] == "exprae" else "" for r in rows]),
+        f"<h2>Verdict ({html.escape(stage)} cells)</h2><ul>{verdicts}</ul>",
+    ]
+    captions = {"metrics.png": "Final metrics per setting", "curves.png": "Validation curves per setting"}
+    for name in figures:
+        parts += [f"<h2>{captions.get(name, name)}</h2>", page_parts.img_file(report.sweep_dir / name, alt=name)]
+    if report.failed:
+        items = "".join(f"<li>{html.escape(r.name)}: {html.escape(str(r.problem))}</li>" for r in report.failed)
+        parts.append(f"<h2>Runs that could not be scored ({len(report.failed)})</h2><ul>{items}</ul>")
+    return page_parts.page(f"exprae sweep {report.sweep_dir.name}", "".join(parts))
 
 
 def terminal_text(report: Report, *, stage: str = "test") -> str:

@@ -23,6 +23,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from exprae.data import ExpressionDataModule
 from exprae.errors import CLIError, ConfigError, ExpraeError
+from exprae.report.run_report import write_run_report
 from exprae.runs import lock as runguard
 from exprae.runs import rundir
 from exprae.runs.resume import check_resume, resolve_ckpt_path
@@ -320,6 +321,10 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None, *, console: st
         metrics["heldout_quality"] = heldout_quality(module, datamodule, stage="test")
     if trainer.is_global_zero:
         rundir.write_json(out_dir / rundir.METRICS_FILE, metrics)
+        try:  # a figure that cannot be drawn must not fail a finished run: its results are already written
+            write_run_report(out_dir)
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("report.html was not written: %s", e)
     log_final_hparams(  # Lightning's loggers write on rank 0 only
         trainer.loggers,
         _flat_hparams(cfg),

@@ -45,6 +45,12 @@ def sweep_dir(tmp_path_factory) -> Path:
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The sweep ends with the command to run next and an index of its job folders.
+    assert f"exprae-compare {out}" in proc.stdout
+    jobs = pd.read_csv(out / "jobs.csv")
+    assert len(jobs) == len(LOSSES) * len(SEEDS) and jobs["finished"].all()
+    first = jobs.loc[jobs["job"] == 0, "overrides"].item().split()
+    assert f"loss={LOSSES[0]}" in first and f"seed={SEEDS[0]}" in first and "experiment=loss_sweep" in first
     return out
 
 
@@ -101,6 +107,9 @@ def test_report_on_a_real_sweep(sweep_dir, capsys):
     # cells.csv in every run: the verdicts carry the paired per-cell bootstrap of best vs runner-up.
     assert all(v.paired is not None and v.paired.n_pairs == len(SEEDS) for v in report.verdicts)
     assert "Paired cell by cell (70 test cells, 2 run pair(s) by seed" in markdown
+    page = (sweep_dir / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2 and "Paired cell by cell" in page
+    assert "<td class=text>loss=mse</td>" in page
     for loss in LOSSES:
         assert f"| exprae | loss={loss} | {len(SEEDS)} |" in markdown
     assert "| PCA | 32 comps, all settings |" in markdown and "| mean profile | all settings |" in markdown

@@ -122,3 +122,15 @@ def test_redirected_cli_output_is_plain_and_train_log_complete(tmp_path):
     log = (run_dir / "train.log").read_text()
     assert "epoch   1/2 train/loss" in log and "epoch   2/2" in log  # ... but in train.log
     assert "stopped: reached" in log and "mean profile" in log and "PCA (8 comps)" in log
+
+
+def test_run_report_shows_the_results_the_curves_and_the_worst_cells(stopped_run):
+    report = (stopped_run / "report.html").read_text()
+    metrics = json.loads((stopped_run / rundir.METRICS_FILE).read_text())
+    assert f"<td>{metrics['test']['model']['cosine']:.4f}</td>" in report
+    assert f"<td>{metrics['test']['pca']['cosine']:.4f}</td>" in report
+    assert report.count('src="data:image/png;base64,') == 2  # learning curves and the per-cell histogram
+    assert "best epoch" in report and "early stopping after epoch 2" in report
+    cells = pd.read_csv(stopped_run / rundir.CELLS_FILE)
+    worst = cells[cells["split"] == "test"].nsmallest(10, "cosine")["obs_name"]
+    assert all(f"<td class=text>{name}</td>" in report for name in worst)

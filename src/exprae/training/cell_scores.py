@@ -20,7 +20,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 
-from exprae.constants import BATCH_KEY, INDEX_KEY, TARGET_KEY, X_KEY
+from exprae.constants import BATCH_KEY, INDEX_KEY, X_KEY
 from exprae.runs import rundir
 from exprae.scoring.metrics import per_cell_metrics
 
@@ -36,11 +36,11 @@ def scored_reconstructions(pl_module: pl.LightningModule, batch: dict[str, torch
     with torch.no_grad():
         x_ng = batch[X_KEY].float()
         out = pl_module(x_ng, batch.get(BATCH_KEY))  # batch covariates, as the module's own step
-        count_loss = getattr(pl_module, "count_loss", False)
-        target_ng = (x_ng if count_loss else batch[TARGET_KEY]).float()
-        recons = {"model": (pl_module.reconstruct(out, batch) if count_loss else out["recon"]).float()}
-        if getattr(pl_module, "with_baselines", False):
-            recons.update({who: r.float() for who, r in pl_module.baselines(x_ng).items()})
+        target_ng = pl_module.eval_target(batch).float()
+        recons = {"model": pl_module.reconstruct(out, batch).float()}
+        if pl_module.with_baselines:  # the baselines the module scores (module.baselines), as it scores them
+            scored = pl_module._baseline_recons(x_ng, batch)
+            recons.update({who: r.float() for who, r in scored.items()})
     return target_ng, recons
 
 
@@ -74,7 +74,7 @@ class CellScores(Callback):
         row = {"index": batch[INDEX_KEY].cpu().numpy()}
         for who, recon_ng in recons.items():
             for name, values in per_cell_metrics(recon_ng, target_ng).items():
-                row[f"{SCORER_PREFIX[who]}{name}"] = values.cpu().numpy()
+                row[f"{SCORER_PREFIX.get(who, who + '_')}{name}"] = values.cpu().numpy()
         self._rows[stage].append(row)
 
     def on_validation_batch_end(
