@@ -84,3 +84,20 @@ def test_an_adata_without_embed_keys_is_a_clear_error(pbmc):
 
 def test_dir_exprae_shows_the_public_api():
     assert {"load", "embed", "pl"} <= set(dir(exprae))
+
+
+def test_model_input_is_dense_when_the_model_returns_sparse_rows(pbmc):
+    """A run that log-normalises without scaling gives sparse model input; plots need it dense."""
+    import scipy.sparse as sp
+
+    from exprae.pl.plots import model_input
+
+    class SparseTransform:  # the one method model_input uses: ExpraeModel.transform
+        def transform(self, adata):
+            out = adata.copy()
+            out.X = sp.csr_matrix(np.asarray(adata.X))
+            return out
+
+    dense = model_input(pbmc, MARKERS, model=SparseTransform())
+    assert isinstance(dense, np.ndarray) and dense.shape == (pbmc.n_obs, len(MARKERS))
+    np.testing.assert_allclose(dense, np.asarray(pbmc[:, MARKERS].X))

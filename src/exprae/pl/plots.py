@@ -64,7 +64,8 @@ def model_input(adata: ad.AnnData, genes: Sequence[str], *, key: str = "exprae",
     """The model's input for ``genes`` (the "true" side): ``model.transform(adata)``, or ``adata`` itself when the
     run applied no preprocessing (its input was the matrix as given)."""
     if model is not None:
-        return np.asarray(model.transform(adata)[:, list(genes)].X)
+        x = model.transform(adata)[:, list(genes)].X
+        return x.toarray() if hasattr(x, "toarray") else np.asarray(x)  # sparse after e.g. log1p without scaling
     settings = adata.uns.get(key, {})
     steps = {k: v for k, v in settings.get("preprocess", {}).items() if v not in (None, False)}
     steps.pop("n_top_genes", None)  # selecting genes does not change values
