@@ -105,7 +105,8 @@ def gain_over_pca(
     """
     latent = int(module.net.latent_dim)
     max_k = min(4 * latent, datamodule.n_genes, len(datamodule.splits["train"]) - 1)
-    pairs = ((batch[X_KEY], module.eval_target(batch)) for batch in datamodule.split_chunks(stage))
+    # Chunks of 1,024 cells keep this float64 pass as small as a training buffer (backed data stays bounded).
+    pairs = ((batch[X_KEY], module.eval_target(batch)) for batch in datamodule.split_chunks(stage, chunk_size=1024))
     curve = pca_score_curve(datamodule.train_chunks(), pairs, max_components=max_k)
     k_equiv = equivalent_components(curve["cosine"], float(model_scores["cosine"]))
     moved = None
