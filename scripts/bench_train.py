@@ -240,6 +240,8 @@ def base_overrides(s: Setting) -> list[str]:
     return [
         f"trainer={'gpu' if gpu else 'cpu'}",
         f"data.batch_size={s.batch_size}",
+        # the benchmark's synthetic cells replace pbmc68k, whose bulk_labels the default split stratifies by
+        "data.stratify_key=null",
         "data.preprocess.normalize_total=1e4",
         "data.preprocess.log1p=true",
         f"model.hidden_dims=[{','.join(map(str, s.hidden))}]",
