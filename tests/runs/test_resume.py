@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from exprae.errors import ConfigError, DataError, DataFileNotFoundError
+from exprae.errors import ConfigError, DataFileNotFoundError
 from exprae.runs import rundir
-from exprae.runs.checkpoint import read_checkpoint
+from exprae.runs.checkpoint import UnsafeCheckpointError, read_checkpoint
 from exprae.train import train
 
 SRC = Path(rundir.__file__).resolve().parents[2]
@@ -125,7 +125,7 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(compose_cfg, pbmc_run, 
     evil = tmp_path / "evil.ckpt"
     torch.save(ckpt, evil)
     cfg = compose_cfg("trainer.max_epochs=4", "model.latent_dim=8", f"ckpt_path={evil}", "logger=none")
-    with pytest.raises(DataError, match=r"holds objects other than weights and plain data; refused"):
+    with pytest.raises(UnsafeCheckpointError, match=r"contains Python objects other than tensors and plain data"):
         train(cfg)
     assert not marker.exists(), "the checkpoint's pickled code ran"
     assert not (Path(cfg.paths.output_dir) / rundir.METRICS_FILE).exists()
