@@ -53,6 +53,7 @@ from exprae.inference.splits import gene_r_cells, split_counts, split_marks
 from exprae.nn import AutoEncoder
 from exprae.nn.baselines import Baselines
 from exprae.runs import rundir
+from exprae.runs.checkpoint import UnsafeCheckpointError, read_checkpoint
 from exprae.scoring.metrics import per_cell_metrics
 
 CHECKPOINT_DIR = "checkpoints"
@@ -63,10 +64,6 @@ _SHOWN = 20  # gene names quoted in a message
 
 class GeneMismatchError(ValueError):
     """The data lacks genes the model was trained on."""
-
-
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint holds more than tensors and plain data, so loading it could execute code."""
 
 
 # ---------------------------------------------------------------- the loaded model
@@ -208,26 +205,6 @@ def _read_run_config(run_dir: Path) -> dict[str, Any]:
     return {"model": model, "loss": loss}
 
 
-def _read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights, read with ``weights_only=True``: a pickle that would run code is refused."""
-    import pickle
-
-    try:
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"refusing to load {checkpoint}: it contains Python objects other than tensors and plain data, which "
-            f"could execute code when unpickled (torch.load(weights_only=True) said: {str(e).splitlines()[0]}). "
-            "Only load checkpoints written by exprae-train from a source you trust."
-        ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{checkpoint} could not be read as a PyTorch checkpoint (truncated or corrupt?): {e}") from e
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{checkpoint} has no 'state_dict': not a Lightning checkpoint written by exprae-train")
-    return state
-
-
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
@@ -253,7 +230,7 @@ def load(path: str | Path, *, device: str | torch.device = "auto") -> ExpraeMode
     net = AutoEncoder(len(preprocess.genes), **model_cfg, n_batches=n_batches)
     baselines = Baselines(net.n_genes, net.latent_dim, n_batches=n_batches[0] if n_batches else 0)
 
-    state = _read_state_dict(checkpoint)
+    state = read_checkpoint(checkpoint)["state_dict"]
     if any(k.startswith(("net.count_head.", "input_view.")) for k in state):
         raise ValueError(
             f"{checkpoint} was trained with a count likelihood ({config['loss'].get('_target_')}); exprae.load and "
