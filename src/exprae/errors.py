@@ -39,7 +39,27 @@ class RunDirError(ExpraeError, RuntimeError):
 
 
 class TrainingDivergedError(ExpraeError, RuntimeError):
-    """The loss or the weights became NaN/inf; nothing was saved from that point on."""
+    """The loss or the weights became NaN/inf, or the loss exploded; nothing was saved from that point on."""
+
+
+class OutputError(ExpraeError, OSError):
+    """A folder exprae must write to cannot be written, or a name cannot be stored in an AnnData file."""
+
+
+class RunInterrupted(ExpraeError):
+    """SIGTERM or SIGINT stopped the run; the message says what was kept and how to resume.
+
+    Not a mistake in the input, but reported the same way: one paragraph, a non-zero exit status
+    (128 + the signal number, as a shell reports a process stopped by that signal).
+    """
+
+    def __init__(self, message: str, *, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 class CLIError(CompactHydraException):

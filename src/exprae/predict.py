@@ -20,6 +20,13 @@ from typing import Any
 
 import anndata as ad
 
+from exprae.errors import ConfigError, ExpraeError, OutputError, RunInterrupted
+from exprae.runs.output_gate import check_key_name, check_output_file
+from exprae.runs.rundir import new_file_mode
+from exprae.runs.signals import stop_on_signals
+
+TMP_SUFFIX = ".tmp.h5ad"
+
 VALID_KEYS = (
     "ckpt, data.path, data.layer, data.preprocess.*, out, overwrite, key_added, batch_size, allow_missing_genes, "
     "baselines, transform_batch, recon, check_representation, device"
@@ -55,12 +62,13 @@ class PredictConfig:
     device: str = "auto"  # auto (GPU when present), cpu, cuda, cuda:1, ...
 
 
-class PredictError(Exception):
-    """A problem with the user's input, reported as one line without a traceback."""
+class PredictError(ConfigError):
+    """A problem with the user's arguments, reported as one line without a traceback."""
 
 
 def parse_args(argv: Sequence[str]) -> PredictConfig:
     """``key=value`` arguments merged onto :class:`PredictConfig`, with OmegaConf's type and key checks."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -72,6 +80,8 @@ def parse_args(argv: Sequence[str]) -> PredictConfig:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise PredictError(f"{f'{key}: ' if key else ''}{str(e).splitlines()[0]} (valid keys: {VALID_KEYS})") from e
+    except yaml.YAMLError as e:  # a value YAML cannot hold, e.g. a NUL character
+        raise PredictError(f"arguments {list(argv)} could not be parsed: {str(e).splitlines()[0]}") from e
     missing = [k for k in ("ckpt", "data.path", "out") if _is_missing(cfg, k)]
     if missing:
         raise PredictError(f"missing required argument(s): {', '.join(f'{k}=...' for k in missing)}\n{USAGE}")
@@ -102,29 +112,40 @@ def check_preprocess(requested: dict[str, Any], saved: dict[str, Any]) -> None:
         )
 
 
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
 def write_h5ad_atomic(adata: ad.AnnData, path: str | Path, *, overwrite: bool) -> Path:
     """Write ``adata`` to a temporary file next to ``path`` and move it into place in one step.
 
     A failure (disk full, interrupt) leaves no partial ``path``; without ``overwrite`` an existing file is
     never replaced, even one created while writing (the final step is a hard link, which refuses to clobber).
+    The temporary file's name holds the writer's pid, so one left by a killed writer (SIGKILL cannot be
+    cleaned up after) is recognised and removed by the next write to the same path.
     """
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=true to replace it")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp.h5ad")
+        raise OutputError(f"{path} exists; pass overwrite=true to replace it")
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{_tmp_prefix(path)}{os.getpid()}.", suffix=TMP_SUFFIX)
     os.close(fd)
     try:
-        adata.write_h5ad(tmp)
+        try:
+            adata.write_h5ad(tmp)
+        except OSError as e:  # disk full, quota, a mount gone read-only
+            raise OutputError(f"writing {path} failed, so nothing was written: {e}") from e
+        os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; the output follows the umask like any new file
         if overwrite:
             os.replace(tmp, path)
         else:
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                raise FileExistsError(f"{path} appeared while writing; pass overwrite=true to replace it") from None
+                raise OutputError(f"{path} appeared while writing; pass overwrite=true to replace it") from None
             except OSError:  # a filesystem without hard links: re-check, then rename
                 if path.exists():
-                    raise FileExistsError(f"{path} exists; pass overwrite=true to replace it") from None
+                    raise OutputError(f"{path} exists; pass overwrite=true to replace it") from None
                 os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -146,20 +167,36 @@ def refuse_other_representation(found: dict[str, Any], *, model_dir: Path) -> No
         )
 
 
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove temporary files of earlier writes to ``path`` whose writer process is gone; return them."""
+    removed = []
+    for tmp in path.parent.glob(f"{_tmp_prefix(path)}*{TMP_SUFFIX}"):
+        pid = tmp.name[len(_tmp_prefix(path)) :].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def predict(cfg: PredictConfig) -> ad.AnnData:
     """Load the model, embed the data, write the output; returns the embedded AnnData."""
     from exprae.data import read_h5ad
     from exprae.data.covariates import level_code
     from exprae.inference.embed import embed, load
 
-    out = Path(cfg.out).expanduser()
-    # Fail before any work: an existing output, or a folder that is not there.
-    if out.exists() and not cfg.overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=true to replace it")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"output folder {out.parent} does not exist")
-    if out.suffix != ".h5ad":
-        raise PredictError(f"out={out} should end in .h5ad")
+    # Fail before any work: an output that cannot be written as asked, a key an .h5ad cannot store, a bad layout.
+    out = check_output_file(cfg.out, overwrite=cfg.overwrite, suffix=".h5ad")
+    check_key_name(cfg.key_added, what="key_added")
     from exprae.inference.outputs import RECON_LAYOUTS
 
     if cfg.recon not in RECON_LAYOUTS:
@@ -197,16 +234,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PredictError as e:
         print(f"exprae-predict: error: {e}", file=sys.stderr)
         return 2
-    from exprae.inference.embed import GeneMismatchError, UnsafeCheckpointError
 
+    def stopped(signal_name: str) -> str:
+        return f"stopped by {signal_name} before {cfg.out} was written; nothing was written, run the command again"
+
+    # Any other exception is a bug in exprae and keeps its traceback.
     try:
-        adata = predict(cfg)
-    except (PredictError, GeneMismatchError, UnsafeCheckpointError, FileNotFoundError, FileExistsError) as e:
+        with stop_on_signals(stopped):
+            adata = predict(cfg)
+    except RunInterrupted as e:
+        print(f"exprae-predict: {e}", file=sys.stderr)
+        return e.exit_code
+    except ExpraeError as e:
         print(f"exprae-predict: error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, KeyError) as e:  # bad data: NaN, negatives, a missing layer, a foreign file
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"exprae-predict: error: {message}", file=sys.stderr)
         return 1
     from exprae.inference.splits import summary
 

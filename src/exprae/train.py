@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from exprae.data import ExpressionDataModule
-from exprae.errors import CLIError, ConfigError, ExpraeError
+from exprae.errors import CLIError, ConfigError, ExpraeError, RunInterrupted
 from exprae.report.run_report import write_run_report
 from exprae.runs import lock as runguard
 from exprae.runs import rundir
+from exprae.runs.history import keep_logged_history
 from exprae.runs.resume import check_resume, resolve_ckpt_path
+from exprae.runs.signals import stop_on_signals
 from exprae.scoring.heldout_quality import heldout_quality
 from exprae.scoring.metrics import PerBatchMetrics
 from exprae.scoring.pca_gain import gain_over_pca
@@ -157,7 +160,9 @@ def format_report(metrics: dict[str, Any]) -> str:
     """A plain-text table of val/test cosine, Pearson and MSE for the model and each scored baseline.
 
     With a molecule split (data.mcv) a second table gives the MCV scores against the held-out molecules; with a
-    batch covariate, a further table gives the scores per batch level and their spread.
+    batch covariate, a further table gives the scores per batch level and their spread. Ends with a warning
+    when the model reconstructs the test cells worse than the mean-profile baseline (predicting the average
+    training cell for every cell), which no useful model does.
     """
     k = metrics.get("latent_dim", "?")
     names = {
@@ -182,8 +187,7 @@ def format_report(metrics: dict[str, Any]) -> str:
             row = [(m, metrics.get(s, {}).get(who, {}).get(m)) for s, m in cols]
             if all(v is None for _, v in row):
                 continue
-            cells = (f"{v:>{_column(m)}.4f}" if v is not None else f"{'-':>{_column(m)}}" for m, v in row)
-            lines.append(f"{label:<{width}}" + "".join(cells))
+            lines.append(f"{label:<{width}}" + "".join(_cell(v, _column(m)) for m, v in row))
     gain = metrics.get("gain_over_pca")
     if gain:
         k_equiv = gain["components"]
@@ -220,8 +224,47 @@ def format_report(metrics: dict[str, Any]) -> str:
         lines.append(f"\nper {by_batch['key']} (held-out cells of each level; spread = max - min over levels)")
         lines.append(f"{'':<{width}}" + "".join(f"{f'{s}/{m}':>14}" for s, m in base_cols))
         for label, row in rows:
-            lines.append(f"{label:<{width}}" + "".join(f"{v:>14.4f}" if v is not None else f"{'-':>14}" for v in row))
-    return "\n".join(lines)
+            lines.append(f"{label:<{width}}" + "".join(_cell(v) for v in row))
+    return "\n".join([*lines, *_worse_than_mean(metrics.get("test", {}))])
+
+
+def _cell(value: float | None, width: int = 14) -> str:
+    """One table cell: fixed-point for ordinary values, exponent notation so large ones still fit."""
+    if value is None or value != value:  # missing, or NaN written as null
+        return f"{'-':>{width}}"
+    return f"{value:>{width}.4f}" if abs(value) < 1e5 else f"{value:>{width}.4e}"
+
+
+def _worse_than_mean(test: dict[str, dict[str, float]]) -> list[str]:
+    """Warning lines when the model is worse on test cells than the mean-profile baseline."""
+    model, mean = test.get("model", {}), test.get("mean", {})
+    worse = []
+    if model.get("mse") is not None and mean.get("mse") is not None and model["mse"] > mean["mse"]:
+        worse.append(f"test MSE {model['mse']:.4g} vs {mean['mse']:.4g}")
+    if model.get("cosine") is not None and mean.get("cosine") is not None and model["cosine"] < mean["cosine"]:
+        worse.append(f"test cosine {model['cosine']:.4f} vs {mean['cosine']:.4f}")
+    if not worse:
+        return []
+    return [
+        f"WARNING: the model reconstructs test cells worse than the mean-profile baseline ({'; '.join(worse)}): "
+        "it has not learned the data (too few epochs, a learning rate too high, or a diverged run?)"
+    ]
+
+
+def _check_trainer(cfg: DictConfig) -> None:
+    """Refuse trainer settings that would train nothing, or ask for a GPU this machine does not have."""
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("max_epochs") == 0 or trainer.get("max_steps") == 0:
+        raise ConfigError(
+            f"trainer.max_epochs={trainer.get('max_epochs')}, trainer.max_steps={trainer.get('max_steps')} trains "
+            "nothing: no checkpoint and no trained model would be written; set trainer.max_epochs >= 1"
+        )
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} asks for a GPU, but torch sees no CUDA GPU on this machine; use "
+            "trainer=cpu (or trainer.accelerator=cpu), or trainer.accelerator=auto to use a GPU where there is one"
+        )
 
 
 def _column(metric: str) -> int:
@@ -232,18 +275,61 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, validate and test one configuration; write the run directory; return the final metrics.
 
     Everything that can be wrong with the config or the data is checked before the first file is written,
-    and a run that fails before then leaves no run directory (see :mod:`exprae.runs.lock`).
+    and a run that fails before then leaves no run directory (see :mod:`exprae.runs.lock`). SIGTERM and
+    SIGINT stop the run with :class:`~exprae.errors.RunInterrupted`, which says how to resume it.
     """
-    check_config(cfg)
-    console = resolve_console(cfg.get("console", "auto"), progress_bar=bool(cfg.trainer.get("enable_progress_bar")))
     out_dir = Path(cfg.paths.output_dir)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
+    try:  # a refused config leaves no directory, even one Hydra created before the task started
+        check_config(cfg)
+        _check_trainer(cfg)
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
+    except BaseException as e:
+        _record_failure(out_dir, e, owned=runguard.created_here(out_dir))
+        raise
+    console = resolve_console(cfg.get("console", "auto"), progress_bar=bool(cfg.trainer.get("enable_progress_bar")))
     with runguard.claim(out_dir, resume=ckpt_path is not None), quiet_lightning(), console_filter(console):
         try:
-            return _train(cfg, out_dir, ckpt_path, console=console)
-        except BaseException:
-            runguard.discard_if_unused(out_dir)
+            with stop_on_signals(lambda name: _stopped_message(name, out_dir)):
+                metrics = _train(cfg, out_dir, ckpt_path, console=console)
+        except BaseException as e:
+            _record_failure(out_dir, e, owned=True)  # this process holds the directory's lock
             raise
+    (out_dir / rundir.ERROR_FILE).unlink(missing_ok=True)  # a resumed run that finished has no error left
+    return metrics
+
+
+def _record_failure(out_dir: Path, error: BaseException, *, owned: bool) -> None:
+    """Leave no directory behind for a run that wrote nothing; otherwise say in ``error.txt`` why it failed.
+
+    A job of a sweep (``-m``) keeps its directory either way, so that ``exprae-compare`` can list it with
+    the reason it failed instead of not at all. Only a directory this run owns gets an ``error.txt``: a
+    refused run pointed at another run's directory leaves that directory as it was.
+    """
+    if not _in_sweep() and runguard.discard_if_unused(out_dir):
+        return
+    if owned and out_dir.is_dir():
+        text = str(error) or type(error).__name__
+        with contextlib.suppress(OSError):  # never hide the error itself behind a second one
+            rundir.write_text_atomic(out_dir / rundir.ERROR_FILE, f"{type(error).__name__}: {text}\n")
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _stopped_message(signal_name: str, out_dir: Path) -> str:
+    """What a run stopped by a signal says: it did not finish, and how to resume it."""
+    last = out_dir / "checkpoints" / "last.ckpt"
+    head = f"the run in {out_dir} was stopped by {signal_name} before it finished; metrics.json was not written."
+    if last.is_file():
+        return (
+            f"{head} Its last checkpoint is {last}; resume it with `exprae-train hydra.run.dir={out_dir} "
+            "ckpt_path=last` plus the overrides it was started with (listed in its .hydra/overrides.yaml)"
+        )
+    return f"{head} No checkpoint had been written yet, so there is nothing to resume: start the run again"
 
 
 def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None, *, console: str) -> dict[str, Any]:
@@ -260,6 +346,8 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None, *, console: st
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, enable_progress_bar=console == "bar"
     )
+    if ckpt_path is not None:
+        keep_logged_history(loggers, ckpt_path)
     try:  # a bad optimizer or scheduler setting (optimizer.lr=-1) fails here, before any file is written
         module.configure_optimizers()
     except (ValueError, TypeError) as e:
@@ -305,7 +393,7 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None, *, console: st
         # Counted from 1; 0 is the model before training (the PCA start). None without a history callback.
         "best_epoch": _best_epoch(history, trainer),
         "stopped": history.stopped if history is not None else None,
-        "best_checkpoint": str(Path(best).relative_to(out_dir)) if best else None,
+        "best_checkpoint": _inside(best, out_dir) if best else None,
         # The PCA start's validation score; "kept": no epoch beat it, so best_checkpoint holds the start.
         "start": None if start is None else {"monitor": checkpoint.monitor, "score": start[1], "kept": start_kept},
         "val": _stage_metrics(val, "val"),
@@ -361,6 +449,11 @@ def _without_loggers(trainer: pl.Trainer) -> Iterator[None]:
         yield
     finally:
         trainer.loggers = loggers
+
+
+def _inside(path: str, out_dir: Path) -> str:
+    """``path`` relative to the run directory (both resolved, so symlinks such as /tmp -> /private/tmp agree)."""
+    return os.path.relpath(os.path.realpath(path), os.path.realpath(out_dir))
 
 
 def _score_start(
@@ -442,6 +535,10 @@ def main(cfg: DictConfig) -> float | None:
     route_to_logging()
     try:
         metrics = train(cfg)
+    except RunInterrupted as e:
+        # Hydra would report exit status 1; a stopped run exits as a shell reports the signal (143, 130).
+        sys.stderr.write(f"exprae-train: {e}\n")
+        sys.exit(e.exit_code)
     except USER_ERRORS as e:
         raise CLIError(_user_message(e)) from e
     return metrics["test"]["model"].get("cosine")

@@ -7,7 +7,7 @@ splits each count into two halves of molecules (molecular cross-validation), and
 together for Lightning.
 """
 
-from exprae.data.anndata_io import check_counts, check_matrix, read_h5ad, select_matrix
+from exprae.data.anndata_io import check_counts, check_matrix, check_names, read_h5ad, select_matrix
 from exprae.data.batching import CellBatchSampler, CellDataset, batch_loader
 from exprae.data.datamodule import ExpressionDataModule
 from exprae.data.mcv import MoleculeSplit
@@ -23,6 +23,7 @@ __all__ = [
     "batch_loader",
     "check_counts",
     "check_matrix",
+    "check_names",
     "read_h5ad",
     "select_matrix",
     "split_cells",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -22,8 +23,11 @@ def read_h5ad_header(path: str | Path) -> Path:
         raise DataFileNotFoundError(f"data file {path} does not exist")
     if path.is_dir():
         raise DataError(f"data path {path} is a directory, expected an .h5ad file")
-    with path.open("rb") as f:
-        magic = f.read(8)
+    try:
+        with path.open("rb") as f:
+            magic = f.read(8)
+    except OSError as e:
+        raise DataError(f"data file {path} cannot be read: {e.strerror or e}") from e
     if magic != b"\x89HDF\r\n\x1a\n":
         raise DataError(f"{path} is not an .h5ad file (not HDF5); write one with adata.write_h5ad()")
     return path
@@ -56,10 +60,14 @@ def _hdf5_keys(path: Path) -> list[str] | None:
 
 
 def select_matrix(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
-    """An AnnData whose ``X`` is the chosen matrix: ``X`` (None or "X"), ``"raw"`` or a named layer."""
+    """An AnnData whose ``X`` is the chosen matrix: ``X`` (None or "X"), ``"raw"`` or a named layer.
+
+    The matrix passes :func:`as_numeric` (a missing ``X`` names the layers there are; booleans, integers and
+    float16 become float32), so training, streaming and prediction all read the same numbers.
+    """
     if layer in (None, "X"):
         return ad.AnnData(
-            X=adata.X,
+            X=as_numeric(adata.X, what="X", adata=adata),
             obs=adata.obs.copy(),
             var=pd.DataFrame(index=adata.var_names.copy()),
             layers=dict(adata.layers),
@@ -67,18 +75,53 @@ def select_matrix(adata: ad.AnnData, layer: str | None) -> ad.AnnData:
     if layer == "raw":
         if adata.raw is None:
             raise DataError("data.layer='raw' was requested but this AnnData has no .raw")
-        return ad.AnnData(X=adata.raw.X, obs=adata.obs.copy(), var=pd.DataFrame(index=adata.raw.var_names.copy()))
+        return ad.AnnData(
+            X=as_numeric(adata.raw.X, what="raw.X", adata=adata),
+            obs=adata.obs.copy(),
+            var=pd.DataFrame(index=adata.raw.var_names.copy()),
+        )
     if layer not in adata.layers:
         raise MissingKeyError(
             f"layer {layer!r} not found; available layers: {list(adata.layers) or 'none'} "
             "(or use data.layer=X / data.layer=raw)"
         )
     return ad.AnnData(
-        X=adata.layers[layer],
+        X=as_numeric(adata.layers[layer], what=f"layer {layer!r}", adata=adata),
         obs=adata.obs.copy(),
         var=pd.DataFrame(index=adata.var_names.copy()),
         layers={k: v for k, v in adata.layers.items() if k != layer},
     )
+
+
+def as_numeric(x: Any, *, what: str, adata: ad.AnnData | None = None) -> np.ndarray | sp.spmatrix:
+    """``x`` as a float matrix: float32/64 as stored; bool, integer and float16 as float32; else an error.
+
+    scanpy's normalize_total and log1p fail on booleans with a casting error deep in numpy, and integer
+    counts would be normalised in integer arithmetic by some code paths; float16 overflows at 65504.
+    """
+    if x is None:
+        layers = list(adata.layers) if adata is not None else []
+        hint = f"; choose one with data.layer=<name> (layers here: {layers})" if layers else " and it has no layers"
+        raise DataError(f"the AnnData's {what} is None (no matrix stored){hint}")
+    if not (sp.issparse(x) or isinstance(x, np.ndarray)):
+        try:
+            x = np.asarray(x)  # h5py datasets, matrices, array-likes
+        except Exception as e:
+            raise DataError(f"{what} is a {type(x).__name__}, which exprae cannot read as a matrix: {e}") from e
+    kind = x.dtype.kind
+    if kind == "f" and x.dtype.itemsize >= 4:
+        return x
+    if kind in "biuf":
+        return x.astype(np.float32)
+    raise DataError(f"{what} holds values of dtype {x.dtype}, not numbers; expected a float or integer matrix")
+
+
+def check_names(obs_names: pd.Index, var_names: pd.Index, *, what: str) -> None:
+    """Refuse duplicated cell or gene names: genes are matched by name, and split.csv names cells."""
+    for names, kind, fix in ((var_names, "gene", "var_names"), (obs_names, "cell", "obs_names")):
+        if not names.is_unique:
+            dup = names[names.duplicated()].unique()[:5].tolist()
+            raise DataError(f"{what} has duplicated {kind} names, e.g. {dup}; run adata.{fix}_make_unique()")
 
 
 def _positions(csr: sp.csr_matrix | None, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,13 +139,19 @@ def check_matrix(
     nonnegative: bool,
     what: str = "data",
 ) -> None:
-    """Refuse NaN/inf (and negatives where asked), naming how many and the first cells and genes."""
+    """Refuse NaN/inf, values beyond float32 (and negatives where asked), naming how many and where.
+
+    The model computes in float32, so a float64 value above float32's largest (3.4e38) would become inf
+    after the checks; it is refused here as if it already were.
+    """
     csr = sp.csr_matrix(x) if sp.issparse(x) else None
     values = csr.data if csr is not None else np.asarray(x)
-    bad = ~np.isfinite(values)
-    problems = [("NaN or infinite", bad)]
+    finite = np.isfinite(values)
+    problems = [("NaN or infinite", ~finite)]
+    if values.dtype.itemsize > 4 and values.dtype.kind == "f":
+        problems.append(("too large for float32 (|x| > 3.4e38)", finite & (np.abs(values) > np.finfo(np.float32).max)))
     if nonnegative:
-        problems.append(("negative", np.isfinite(values) & (values < 0)))
+        problems.append(("negative", finite & (values < 0)))
     for label, mask in problems:
         if not mask.any():
             continue

@@ -81,6 +81,12 @@ class BackedMatrix:
                 )
             self.sparse = encoding == "csr_matrix"
             self.shape = tuple(int(s) for s in (node.attrs["shape"] if self.sparse else node.shape))
+            dtype = node["data"].dtype if self.sparse else getattr(node, "dtype", None)
+            if dtype is None or dtype.kind not in "biuf":  # the same dtypes the in-memory path reads (as_numeric)
+                raise DataError(
+                    f"{self.path}:{self.key} holds values of dtype {dtype}, not numbers; expected a float or "
+                    "integer matrix"
+                )
 
     def _open(self) -> Any:
         if self._elem is None:

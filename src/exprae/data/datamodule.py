@@ -27,6 +27,7 @@ from exprae.data.anndata_io import (
     _row_sums,
     check_counts,
     check_matrix,
+    check_names,
     read_h5ad,
     read_h5ad_header,
     select_matrix,
@@ -54,6 +55,7 @@ LIBRARY_OBS = "exprae_library_size"
 SIZE_FACTOR_OBS = "exprae_size_factor"
 # data.mcv: the held-out molecules x'' (preprocessed like the input; raw counts on the kept genes), scoring only.
 MCV_LAYERS = {MCV_TARGET_KEY: "exprae_mcv_target", MCV_COUNTS_KEY: "exprae_mcv_counts"}
+MIN_HELD_OUT = 10  # fewer validation or test cells than this gets a warning: their mean metric is mostly noise
 
 
 # ---------------------------------------------------------------- the datamodule
@@ -164,9 +166,7 @@ class ExpressionDataModule(pl.LightningDataModule):
         what = f"{self.source} ({self.layer_name})"
         if adata.n_obs == 0 or adata.n_vars == 0:
             raise DataError(f"{what} is empty: {adata.n_obs} cells x {adata.n_vars} genes")
-        if not adata.var_names.is_unique:
-            dup = adata.var_names[adata.var_names.duplicated()].unique()[:5].tolist()
-            raise DataError(f"{what} has duplicated gene names, e.g. {dup}; run adata.var_names_make_unique()")
+        check_names(adata.obs_names, adata.var_names, what=what)
         check_matrix(
             adata.X,
             obs_names=adata.obs_names,
@@ -221,6 +221,20 @@ class ExpressionDataModule(pl.LightningDataModule):
         for key in (self.stratify_key, self.label_key):
             if key is not None and key not in obs:
                 raise MissingKeyError(f"obs column {key!r} not found in {what}; available: {list(obs.columns)}")
+        if self.label_key is not None and obs[self.label_key].isna().all():
+            # Unlabelled cells are left out of the auxiliary loss, so an all-missing column would silently turn
+            # it off (and leave the kNN label accuracy undefined).
+            raise DataError(
+                f"obs column {self.label_key!r} of {what} (aux.label_key) has no labels: all {len(obs)} values are "
+                "missing (NaN/None); choose a column with labels, or drop the auxiliary loss (aux=none)"
+            )
+        if self.stratify_key is not None and obs[self.stratify_key].isna().any():
+            n_missing = int(obs[self.stratify_key].isna().sum())
+            warnings.warn(
+                f"{n_missing} cells of {what} have no {self.stratify_key!r} label (data.stratify_key); they are split "
+                "as one more stratum of their own",
+                stacklevel=2,
+            )
         self.splits = split_cells(
             len(obs),
             val_fraction=self.val_fraction,
@@ -228,6 +242,14 @@ class ExpressionDataModule(pl.LightningDataModule):
             seed=self.split_seed,
             stratify=None if self.stratify_key is None else obs[self.stratify_key].to_numpy(),
         )
+        small = {name: len(self.splits[name]) for name in ("val", "test") if len(self.splits[name]) < MIN_HELD_OUT}
+        if small:
+            warnings.warn(
+                f"{what}: only {', '.join(f'{n} {name}' for name, n in small.items())} cells; metrics averaged over "
+                f"fewer than {MIN_HELD_OUT} held-out cells are too noisy to compare runs (use more cells or larger "
+                "data.val_fraction / data.test_fraction)",
+                stacklevel=2,
+            )
         if self.batch_size < 1 or self.num_workers < 0:
             raise ConfigError(
                 f"data.batch_size must be >= 1 and data.num_workers >= 0, got {self.batch_size} and {self.num_workers}"
@@ -265,9 +287,7 @@ class ExpressionDataModule(pl.LightningDataModule):
             raise DataError(f"{what} has {cells.n_obs} rows but obs describes {len(obs)} cells")
         if cells.n_obs == 0 or len(cells.var_names) == 0:
             raise DataError(f"{what} is empty: {cells.n_obs} cells x {len(cells.var_names)} genes")
-        if not cells.var_names.is_unique:
-            dup = cells.var_names[cells.var_names.duplicated()].unique()[:5].tolist()
-            raise DataError(f"{what} has duplicated gene names, e.g. {dup}; run adata.var_names_make_unique()")
+        check_names(obs.index, cells.var_names, what=what)
         self._split(obs, what)
         self._encode_covariates(obs, what)
         n_empty = 0

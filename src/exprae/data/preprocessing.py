@@ -13,9 +13,10 @@ from typing import Any, Literal
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 
-from exprae.errors import ConfigError
+from exprae.errors import ConfigError, DataError
 
 
 def keeps_all_genes(n_top_genes: int, n_genes: int) -> bool:
@@ -47,6 +48,8 @@ class Preprocessing:
     scale: bool = False  # zero mean, unit variance per gene (train-cell statistics)
     max_value: float | None = None  # clip after scaling, as sc.pp.scale
     genes: list[str] | None = field(default=None, repr=False)  # fitted: genes kept
+    # fitted with normalize_total: the genes each cell's library size summed over at training (all input genes)
+    library_genes: list[str] | None = field(default=None, repr=False)
     scale_mean: list[float] | None = field(default=None, repr=False)  # fitted
     scale_std: list[float] | None = field(default=None, repr=False)  # fitted
 
@@ -89,14 +92,12 @@ class Preprocessing:
 
     def fit(self, adata: ad.AnnData) -> Preprocessing:
         """Learn the gene list and scaling statistics from ``adata`` (training cells, after per_cell)."""
-        import scanpy as sc
 
         genes = list(adata.var_names)
+        if self.normalize_total is not None:
+            self.library_genes = list(genes)
         if self.n_top_genes is not None and not keeps_all_genes(int(self.n_top_genes), adata.n_vars):
-            hvg = sc.pp.highly_variable_genes(
-                adata, n_top_genes=int(self.n_top_genes), flavor=self.hvg_flavor, inplace=False
-            )
-            genes = list(adata.var_names[hvg["highly_variable"].to_numpy()])
+            genes = _highly_variable(adata, n_top_genes=int(self.n_top_genes), flavor=self.hvg_flavor)
         self.genes = genes
         if self.scale:
             x = adata[:, genes].X
@@ -124,6 +125,12 @@ class Preprocessing:
         """Apply the fitted steps: per-cell steps, gene subset, scaling (sparse stays sparse unless scaled)."""
         if self.genes is None:
             raise RuntimeError("Preprocessing.transform called before fit")
+        if self.library_genes is not None:
+            # Library sizes sum over the genes they summed over at training; a gene the training data did not
+            # have would change every cell's size (see check_library_genes for genes missing now).
+            counted = adata.var_names.isin(self.library_genes)
+            if not counted.all():
+                adata = adata[:, counted]
         adata = self.per_cell(adata)
         adata = adata[:, self.genes].copy()
         if self.scale:
@@ -133,6 +140,31 @@ class Preprocessing:
                 x = np.clip(x, -self.max_value, self.max_value)
             adata.X = x.astype(np.float32)
         return adata
+
+    def check_library_genes(self, var_names: pd.Index, *, allow_missing: bool, what: str) -> list[str]:
+        """The library-size genes missing from ``var_names``; refused unless ``allow_missing`` (then a warning).
+
+        normalize_total divides each cell by its total over the genes it was trained with. Data cut down to
+        fewer genes (e.g. only the model's highly variable genes) has smaller totals, so every cell would be
+        scaled up and shifted in the latent space, with no error.
+        """
+        if self.library_genes is None:
+            return []
+        missing = [g for g in self.library_genes if g not in set(var_names)]
+        if not missing:
+            return []
+        message = (
+            f"{what} lacks {len(missing)} of the {len(self.library_genes)} genes the model's normalize_total summed "
+            f"each cell's library size over at training (e.g. {missing[:5]}); library sizes over fewer genes are "
+            "smaller, so every cell would be scaled differently from training"
+        )
+        if not allow_missing:
+            raise DataError(
+                f"{message}. Pass the matrix with all its genes (not only the model's), or allow_missing_genes=true "
+                "to normalise over the genes present"
+            )
+        warnings.warn(f"{message}; normalising over the {len(self.library_genes) - len(missing)} present", stacklevel=3)
+        return missing
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data record of the settings and fitted state (JSON-serialisable)."""
@@ -145,6 +177,31 @@ class Preprocessing:
     def settings(self) -> dict[str, Any]:
         """The settings alone, without fitted state: what two runs must share to be comparable."""
         d = self.to_dict()
-        for k in ("genes", "scale_mean", "scale_std"):
+        for k in ("genes", "library_genes", "scale_mean", "scale_std"):
             d.pop(k)
         return d
+
+
+def _highly_variable(adata: ad.AnnData, *, n_top_genes: int, flavor: str) -> list[str]:
+    """scanpy's highly variable genes, refusing data with nothing to rank (scanpy fails with an IndexError)."""
+    import scanpy as sc
+
+    x = adata.X
+    mean = np.asarray(x.mean(axis=0)).ravel()
+    sq = np.asarray((x.multiply(x) if sp.issparse(x) else np.square(x)).mean(axis=0)).ravel()
+    varying = int(((sq - mean**2) > 1e-12 * np.maximum(sq, 1e-300)).sum())
+    if varying == 0:
+        raise DataError(
+            f"no gene varies across the {adata.n_obs} training cells (all-zero or constant data), so "
+            f"preprocess.n_top_genes={n_top_genes} has nothing to rank; check the input matrix, or set "
+            "data.preprocess.n_top_genes=null"
+        )
+    try:
+        hvg = sc.pp.highly_variable_genes(adata, n_top_genes=n_top_genes, flavor=flavor, inplace=False)
+    except (IndexError, ValueError, ZeroDivisionError) as e:
+        raise DataError(
+            f"highly-variable-gene selection (flavor={flavor!r}, n_top_genes={n_top_genes}) failed on the "
+            f"{adata.n_obs} training cells, {varying} of whose {adata.n_vars} genes vary: {e}. Try another "
+            "data.preprocess.hvg_flavor, fewer n_top_genes, or n_top_genes=null"
+        ) from e
+    return list(adata.var_names[hvg["highly_variable"].to_numpy()])

@@ -23,6 +23,8 @@ def split_cells(
         raise ConfigError(
             f"data.val_fraction + data.test_fraction = {val_fraction + test_fraction} leaves no training cells"
         )
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"data.split_seed must be a non-negative integer, got {seed!r}")
     n_val, n_test = round(n_cells * val_fraction), round(n_cells * test_fraction)
     n_train = n_cells - n_val - n_test
     if min(n_val, n_test) < 1 or n_train < 2:
@@ -34,12 +36,16 @@ def split_cells(
     if stratify is None:
         perm = rng.permutation(n_cells)
     else:
-        # Interleave a shuffled order within each label so every prefix is stratified, then cut.
+        # Interleave a shuffled order within each label so every prefix is stratified, then cut. Cells
+        # without a label (NaN/None, code -1) are one more stratum of their own, so every cell gets a rank.
         labels = pd.Categorical(np.asarray(stratify))
-        rank = np.empty(n_cells)
-        for code in range(len(labels.categories)):
+        rank = np.full(n_cells, np.nan)
+        for code in range(-1, len(labels.categories)):
             idx = np.flatnonzero(labels.codes == code)
+            if len(idx) == 0:
+                continue
             rank[rng.permutation(idx)] = (np.arange(len(idx)) + rng.random()) / len(idx)
+        assert not np.isnan(rank).any()  # every code in [-1, n_categories) was visited
         perm = np.argsort(rank + rng.random(n_cells) * 1e-9, kind="stable")
     return {
         "val": np.sort(perm[:n_val]),

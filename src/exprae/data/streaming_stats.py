@@ -143,8 +143,16 @@ def fit_streaming(
     if moments_x.n < 2:
         raise DataError(f"fitting the preprocessing needs at least 2 training cells, got {moments_x.n}")
     keep = np.ones(len(var_names), dtype=bool)
+    if preprocess.normalize_total is not None:
+        preprocess.library_genes = [str(g) for g in var_names]
     if n_top is not None:
         hvg_moments = moments_counts if seurat else moments_x
+        if not (hvg_moments.var_g > 0).any():
+            raise DataError(
+                f"no gene varies across the {moments_x.n} training cells (all-zero or constant data), so "
+                f"preprocess.n_top_genes={n_top} has nothing to rank; check the input matrix, or set "
+                "data.preprocess.n_top_genes=null"
+            )
         keep = highly_variable_from_moments(
             hvg_moments.mean_g, hvg_moments.var_g, n_top_genes=int(n_top), flavor=preprocess.hvg_flavor
         )

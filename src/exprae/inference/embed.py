@@ -43,9 +43,10 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from exprae.data import check_matrix, select_matrix
+from exprae.data import check_matrix, check_names, select_matrix
 from exprae.data.covariates import level_code, recode
 from exprae.data.preprocessing import Preprocessing
+from exprae.errors import ConfigError, DataError, DataFileNotFoundError
 from exprae.inference.outputs import Recon, check_recon, write_reconstruction
 from exprae.inference.representation import WARN as REPRESENTATION_WARN
 from exprae.inference.representation import GeneMoments, compare_moments, raw_findings
@@ -54,6 +55,7 @@ from exprae.nn import AutoEncoder
 from exprae.nn.baselines import Baselines
 from exprae.runs import rundir
 from exprae.runs.checkpoint import UnsafeCheckpointError, read_checkpoint
+from exprae.runs.output_gate import check_key_name
 from exprae.scoring.metrics import per_cell_metrics
 
 CHECKPOINT_DIR = "checkpoints"
@@ -62,7 +64,7 @@ ALLOWED_TARGETS = ("exprae.", "torch.")  # module prefixes a saved config may in
 _SHOWN = 20  # gene names quoted in a message
 
 
-class GeneMismatchError(ValueError):
+class GeneMismatchError(DataError):
     """The data lacks genes the model was trained on."""
 
 
@@ -85,7 +87,7 @@ class ExpraeModel:
         batch_categories: dict[str, list[str]] | None = None,
     ) -> None:
         if preprocess.genes is None or len(preprocess.genes) != net.n_genes:
-            raise ValueError(
+            raise DataError(
                 f"the data contract lists {0 if preprocess.genes is None else len(preprocess.genes)} genes but the "
                 f"network expects {net.n_genes}"
             )
@@ -147,7 +149,15 @@ class ExpraeModel:
 def _resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, str) and device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device={device!r} is not a device torch knows (auto, cpu, cuda, cuda:1, ...): {e}") from e
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={device} was asked for, but torch sees no CUDA GPU here; use device=cpu or device=auto"
+        )
+    return resolved
 
 
 # ---------------------------------------------------------------- load
@@ -157,7 +167,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     """``(run_dir, checkpoint)`` for a run directory (best, else last checkpoint) or a checkpoint file."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: pass a run directory or a .ckpt file inside one")
+        raise DataFileNotFoundError(f"{path} does not exist: pass a run directory or a .ckpt file inside one")
     if path.is_dir():
         run_dir = path
         for name in CHECKPOINT_NAMES:
@@ -166,7 +176,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
         found = (
             sorted(p.name for p in (path / CHECKPOINT_DIR).glob("*.ckpt")) if (path / CHECKPOINT_DIR).is_dir() else []
         )
-        raise FileNotFoundError(
+        raise DataFileNotFoundError(
             f"no checkpoint in {path / CHECKPOINT_DIR} (looked for {', '.join(CHECKPOINT_NAMES)}; found "
             f"{found or 'none'}); was the run trained with callbacks=none?"
         )
@@ -196,10 +206,10 @@ def _read_run_config(run_dir: Path) -> dict[str, Any]:
 
     path = run_dir / rundir.CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {run_dir} is not an exprae run directory (no saved config)")
+        raise DataFileNotFoundError(f"{path} not found: {run_dir} is not an exprae run directory (no saved config)")
     cfg = OmegaConf.load(path)
     if "model" not in cfg:
-        raise ValueError(f"{path} has no 'model' section; it was not written by exprae-train")
+        raise DataError(f"{path} has no 'model' section; it was not written by exprae-train")
     model = OmegaConf.to_container(cfg.model, resolve=True)
     loss = OmegaConf.to_container(cfg.loss, resolve=False) if "loss" in cfg else {}
     return {"model": model, "loss": loss}
@@ -217,14 +227,14 @@ def load(path: str | Path, *, device: str | torch.device = "auto") -> ExpraeMode
     if preprocess.genes is None:
         preprocess.genes = list(contract["var_names"])
     if list(preprocess.genes) != list(contract["var_names"]):
-        raise ValueError(f"{run_dir / rundir.CONTRACT_FILE}: var_names and preprocess.genes disagree")
+        raise DataError(f"{run_dir / rundir.CONTRACT_FILE}: var_names and preprocess.genes disagree")
 
     config = _read_run_config(run_dir)
     _check_targets(config["model"], "model")
     model_cfg = {k: v for k, v in config["model"].items() if k not in ("_target_", "n_genes", "n_batches")}
     target = config["model"].get("_target_", "exprae.nn.AutoEncoder")
     if target != "exprae.nn.AutoEncoder":
-        raise ValueError(f"exprae.load knows how to rebuild exprae.nn.AutoEncoder, not {target!r}")
+        raise DataError(f"exprae.load knows how to rebuild exprae.nn.AutoEncoder, not {target!r}")
     batch_categories = contract.get("batch_categories") or {}
     n_batches = [len(levels) for levels in batch_categories.values()]
     net = AutoEncoder(len(preprocess.genes), **model_cfg, n_batches=n_batches)
@@ -232,7 +242,7 @@ def load(path: str | Path, *, device: str | torch.device = "auto") -> ExpraeMode
 
     state = read_checkpoint(checkpoint)["state_dict"]
     if any(k.startswith(("net.count_head.", "input_view.")) for k in state):
-        raise ValueError(
+        raise DataError(
             f"{checkpoint} was trained with a count likelihood ({config['loss'].get('_target_')}); exprae.load and "
             "exprae.embed apply models trained with mse/cosine/mixed/pearson losses only, for now"
         )
@@ -245,9 +255,9 @@ def load(path: str | Path, *, device: str | torch.device = "auto") -> ExpraeMode
             result = part.load_state_dict(_sub_state(state, name), strict=False)
         except RuntimeError as e:  # a tensor of another shape, e.g. model.latent_dim changed in the config
             sizes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line][:3]
-            raise ValueError(f"{mismatch}: {'; '.join(sizes) or e}") from e
+            raise DataError(f"{mismatch}: {'; '.join(sizes) or e}") from e
         if result.missing_keys or result.unexpected_keys:
-            raise ValueError(
+            raise DataError(
                 f"{mismatch}: missing {[name + k for k in result.missing_keys][:5]}, "
                 f"unexpected {[name + k for k in result.unexpected_keys][:5]}"
             )
@@ -281,11 +291,15 @@ class _InputMatrix:
         layer: str,
         allow_missing_genes: bool,
     ) -> None:
-        if not var_names.is_unique:
-            dup = var_names[var_names.duplicated()].unique()[:5].tolist()
-            raise ValueError(f"the data has duplicated gene names, e.g. {dup}; run adata.var_names_make_unique()")
+        check_names(obs_names, var_names, what=f"the data ({layer})")
         genes = pd.Index(model.var_names)
         self.missing = [str(g) for g in genes[~genes.isin(var_names)]]
+        if len(self.missing) == len(genes):  # zero-filling everything would embed nothing but zeros
+            raise GeneMismatchError(
+                f"none of the {len(genes)} genes the model was trained on is in the data ({layer}; its genes start "
+                f"{list(var_names[:5])}, the model's {list(genes[:5])}): another organism or gene annotation "
+                "(symbols vs Ensembl ids)?"
+            )
         if self.missing and not allow_missing_genes:
             raise GeneMismatchError(
                 f"{len(self.missing)} of the {len(genes)} genes the model was trained on are missing from the data "
@@ -302,6 +316,7 @@ class _InputMatrix:
                 stacklevel=4,  # the user's embed()/transform() call
             )
         self.present_g = ~genes.isin(self.missing)
+        model.preprocess.check_library_genes(var_names, allow_missing=allow_missing_genes, what=f"the data ({layer})")
         # normalize_total sums over every gene of the data, so its NaNs matter even outside the model's genes.
         if model.preprocess.normalize_total is not None:
             used = np.arange(len(var_names))
@@ -410,9 +425,8 @@ def embed(
     (modified in place) or, with ``copy=True``, a modified copy.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    if not key_added or not isinstance(key_added, str):
-        raise ValueError(f"key_added must be a non-empty string, got {key_added!r}")
+        raise DataError(f"batch_size must be a positive integer, got {batch_size}")
+    check_key_name(key_added, what="key_added")
     check_recon(recon)
     target_code = None if transform_batch is None else level_code(model.batch_categories, transform_batch)
     batch_nk = recode(adata.obs, model.batch_categories, what="the data") if model.batch_categories else None

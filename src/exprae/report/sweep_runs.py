@@ -66,13 +66,16 @@ def read_run(run_dir: Path, *, sweep_dir: Path) -> Run:
     metrics = None
     if problem is None:
         metrics_path = run_dir / rundir.METRICS_FILE
-        if not metrics_path.is_file():
+        error_path = run_dir / rundir.ERROR_FILE
+        if not metrics_path.is_file() and error_path.is_file():
+            problem = f"failed: {error_path.read_text(errors='replace').strip()}"
+        elif not metrics_path.is_file():
             problem = "no metrics.json: the run crashed, was killed, or is still running"
         else:
             try:
                 metrics = rundir.read_json(metrics_path)
                 _check_metrics(metrics)
-            except (ValueError, KeyError, TypeError) as err:
+            except (ValueError, KeyError, TypeError, AttributeError) as err:
                 metrics, problem = None, f"malformed metrics.json ({err})"
     return Run(path=run_dir, name=name, overrides=overrides, config=config, metrics=metrics, problem=problem)
 
@@ -178,6 +181,8 @@ def _check_metrics(metrics: Any) -> None:
     if not isinstance(metrics, dict):
         raise TypeError("not a JSON object")
     for stage in STAGES:
+        if not isinstance(metrics.get(stage), dict) or not isinstance(metrics[stage].get("model"), dict):
+            raise KeyError(f"no {stage}/model")
         if "cosine" not in metrics.get(stage, {}).get("model", {}):
             raise KeyError(f"no {stage}/model/cosine")
 

@@ -29,6 +29,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 from exprae.errors import RunDirError
+from exprae.runs.output_gate import check_writable_dir
 
 LOCK_FILE = ".exprae.lock"
 # Files whose presence means a run has started writing here (train() writes these first).
@@ -59,6 +60,7 @@ def acquire(out_dir: str | Path, *, resume: bool) -> bool:
     key = _key(out_dir)
     if key in _held or _secondary_rank():
         return False
+    check_writable_dir(key, what="output directory")  # before anything is created or trained
     if not key.exists():
         new_dirs = [key, *(p for p in key.parents if not p.exists())]
         key.mkdir(parents=True)
@@ -109,6 +111,11 @@ def claim(out_dir: str | Path, *, resume: bool) -> Iterator[None]:
     finally:
         if acquired:
             release(out_dir)
+
+
+def created_here(out_dir: str | Path) -> bool:
+    """Whether this process created ``out_dir`` (Hydra's run directory, made by :func:`acquire`)."""
+    return _key(out_dir) in _created
 
 
 def discard_if_unused(out_dir: str | Path) -> bool:

@@ -6,12 +6,15 @@ Everything here is plain data (JSON, CSV, YAML): reading a run never executes co
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from exprae.errors import DataError, DataFileNotFoundError
 
 CONTRACT_FILE = "data_contract.json"  # genes, matrix and preprocessing the model expects
 SPLIT_FILE = "split.csv"  # which cells were train / val / test
@@ -20,6 +23,7 @@ HISTORY_FILE = "history.csv"  # one row per epoch: train/val metrics, learning r
 CELLS_FILE = "cells.csv"  # per-cell val/test scores of the final model and the baselines
 ENVIRONMENT_FILE = "environment.json"  # versions and git commit, for reproducibility
 CONFIG_FILE = ".hydra/config.yaml"  # Hydra's resolved-at-compose config
+ERROR_FILE = "error.txt"  # why a run that left its directory failed (exprae-compare shows it)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -30,6 +34,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; a run's files follow the umask like any other
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -37,16 +42,43 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     return path
 
 
+def new_file_mode() -> int:
+    """The permissions ``open()`` would give a new file under the current umask (0o666 minus the umask)."""
+    try:  # Linux >= 4.7 reports the umask without changing it (os.umask would, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Atomically write ``obj`` as indented JSON."""
-    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Atomically write ``obj`` as indented, strict JSON: a NaN or infinite number is written as ``null``.
+
+    ``json.dumps`` would write ``NaN``/``Infinity``, which is not JSON (``jq``, JavaScript and most JSON
+    readers refuse the file); in a metrics file ``null`` means "not defined for this run".
+    """
+    text = json.dumps(_strict(obj), indent=2, sort_keys=False, allow_nan=False)
+    return write_text_atomic(path, text + "\n")
 
 
-def _json_default(o: Any) -> Any:
+def _strict(o: Any) -> Any:
+    """``o`` as plain JSON data: numpy scalars and arrays unpacked, non-finite floats replaced by None."""
+    if isinstance(o, dict):
+        return {k: _strict(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_strict(v) for v in o]
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if o is None or isinstance(o, (str, int, bool)):
+        return o
+    if hasattr(o, "tolist"):  # numpy / torch scalars and arrays
+        return _strict(o.tolist())
     if hasattr(o, "item"):
-        return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
+        return _strict(o.item())
     raise TypeError(f"cannot write {type(o).__name__} to JSON")
 
 
@@ -70,8 +102,11 @@ def read_json(path: str | Path) -> Any:
     """Read a JSON file written by :func:`write_json`, with an error that names a missing file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is this an exprae run directory?")
-    return json.loads(path.read_text())
+        raise DataFileNotFoundError(f"{path} not found: is this an exprae run directory?")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path} could not be read as JSON (truncated or edited?): {e}") from e
 
 
 def environment() -> dict[str, Any]:

@@ -19,21 +19,28 @@ from exprae.training.cell_scores import scored_reconstructions
 
 
 class DivergenceGuard(Callback):
-    """Stop with a clear error when the training loss or the weights become NaN/inf, and never checkpoint them.
+    """Stop with a clear error when the training loss or the weights become NaN/inf, or the loss explodes.
 
-    Each step records, on the loss's device, the first step whose loss was not finite; reading it back costs
-    a host sync, so that happens only every ``check_every_n_steps`` steps, at each epoch end, and before any
-    checkpoint is written. A checkpoint whose weights are not finite is refused, so ``last.ckpt`` and
-    ``best.ckpt`` always hold the last good weights, and the error names them.
+    Each step records, on the loss's device, the first step whose loss was not finite, or was more than
+    ``max_loss_ratio`` times the loss of the first step (a finite explosion, e.g. ``optimizer.lr=1e3``:
+    the loss of a diverging run often stays finite for the whole run, and its metrics would be reported as
+    results). Reading that record back costs a host sync, so it happens only every ``check_every_n_steps``
+    steps, at each epoch end, and before any checkpoint is written. A checkpoint whose weights are not
+    finite is refused, so ``last.ckpt`` and ``best.ckpt`` always hold the last good weights, and the error
+    names them. ``max_loss_ratio=null`` turns the explosion check off (losses that may be negative skip it).
     """
 
-    def __init__(self, *, check_every_n_steps: int = 50) -> None:
+    def __init__(self, *, check_every_n_steps: int = 50, max_loss_ratio: float | None = 1e4) -> None:
         super().__init__()
         if int(check_every_n_steps) < 1:
             raise ConfigError(f"callbacks.divergence_guard.check_every_n_steps must be >= 1, got {check_every_n_steps}")
+        if max_loss_ratio is not None and not float(max_loss_ratio) > 1:
+            raise ConfigError(f"callbacks.divergence_guard.max_loss_ratio must be > 1 or null, got {max_loss_ratio}")
         self.check_every_n_steps = int(check_every_n_steps)
+        self.max_loss_ratio = None if max_loss_ratio is None else float(max_loss_ratio)
         self._first_bad_step: torch.Tensor | None = None  # -1 while every loss has been finite
         self._first_bad_loss: torch.Tensor | None = None
+        self._start_loss: torch.Tensor | None = None  # the first step's loss, the scale an explosion is judged by
         self._good: tuple[int, int] | None = None  # (epoch, step) of the last checkpoint this guard let through
 
     def on_train_batch_end(
@@ -46,8 +53,12 @@ class DivergenceGuard(Callback):
         if self._first_bad_step is None or self._first_bad_step.device != loss.device:
             self._first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
             self._first_bad_loss = torch.zeros((), device=loss.device)
+            self._start_loss = loss.clone()
         # No host sync here: the step number enters as a kernel scalar, the comparison stays on the device.
-        new = (~torch.isfinite(loss)) & (self._first_bad_step < 0)
+        bad = ~torch.isfinite(loss)
+        if self.max_loss_ratio is not None:
+            bad = bad | ((self._start_loss > 0) & (loss > self.max_loss_ratio * self._start_loss))
+        new = bad & (self._first_bad_step < 0)
         self._first_bad_step = torch.where(
             new, torch.full_like(self._first_bad_step, trainer.global_step), self._first_bad_step
         )
@@ -74,6 +85,13 @@ class DivergenceGuard(Callback):
         step = int(self._first_bad_step)  # the one host sync
         if step >= 0:
             value = float(self._first_bad_loss)
+            if np.isfinite(value):
+                start = float(self._start_loss)
+                self._fail(
+                    trainer,
+                    f"the training loss exploded to {value:.4g} at step {step}, {value / start:.3g} times the first "
+                    f"step's loss ({start:.4g}; callbacks.divergence_guard.max_loss_ratio={self.max_loss_ratio:g})",
+                )
             self._fail(trainer, f"the training loss became {value} at step {step}")
 
     def _check_weights(

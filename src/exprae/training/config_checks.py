@@ -30,6 +30,8 @@ def check_config(cfg: DictConfig) -> None:
     seed = cfg.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ConfigError(f"seed={seed!r} is not valid: expects int or null")
+    if seed is not None and seed < 0:
+        raise ConfigError(f"seed={seed} is not valid: expects a non-negative integer (numpy seeds are >= 0) or null")
     for path, node in _target_nodes(cfg, ""):
         _check_node(path, node)
 
