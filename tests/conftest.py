@@ -8,13 +8,11 @@ from pathlib import Path
 
 import anndata as ad
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hypothesis import settings
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
+from exprae import compose
 from exprae.data.datasets import pbmc68k
-from exprae.train import CONFIG_DIR
 
 # In CI every hypothesis test draws the same examples, so a red build is reproducible and never a lucky draw;
 # tests that pass their own settings keep them. Locally the default (random) profile keeps searching.
@@ -66,33 +64,16 @@ def compose_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
         nonlocal n_composed
         run_dir = tmp_path / ("run" if n_composed == 0 else f"run-{n_composed}")
         n_composed += 1
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(
-                config_name="train", overrides=[*(FAST if fast else []), *overrides], return_hydra_config=True
-            )
-        with open_dict(cfg):
-            # Outside @hydra.main there is no runtime output dir; give each composed run its own, as Hydra would.
-            cfg.paths.output_dir = str(run_dir)
-            cfg.hydra.runtime.output_dir = str(run_dir)
-        return cfg
+        return compose([*(FAST if fast else []), *overrides], run_dir)
 
-    yield _compose
-    GlobalHydra.instance().clear()
+    return _compose
 
 
 def train_run(out_dir: Path, *overrides: str) -> Path:
     """Train a short real run into ``out_dir`` (composed from the real configs); return the run directory."""
     from exprae.train import train
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*FAST, *overrides], return_hydra_config=True)
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-        cfg.hydra.runtime.output_dir = str(out_dir)
-    train(cfg)
+    train(compose([*FAST, *overrides], out_dir))
     return out_dir
 
 

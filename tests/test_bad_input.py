@@ -435,3 +435,14 @@ def test_fewer_genes_than_n_top_genes_keeps_them_all_when_backed(compose_cfg, tm
     with pytest.warns(UserWarning, match="all 200 are kept"):
         datamodule, _ = build(compose_cfg("data=h5ad", f"data.path={path}", "data.backed=true", *SMALL))
     assert datamodule.n_genes == 200
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"], "captures a single-device step"),
+        (["trainer.precision=16-mixed"], "does not support trainer.precision=16-mixed"),
+    ],
+)
+def test_graph_step_with_ddp_or_16bit_is_refused_before_anything_is_written(compose_cfg, overrides, fragment):
+    refused(compose_cfg("module.compile=graph", *overrides), ConfigError, fragment)

@@ -15,11 +15,14 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["embed", "load", "pl"]
+__all__ = ["compose", "embed", "load", "pl"]
+# Where each public name lives, imported on first use (train itself is exprae.train.train: the module's name).
+_PUBLIC = {"compose": "exprae.train", "embed": "exprae.inference", "load": "exprae.inference"}
 
 if TYPE_CHECKING:
     from exprae import pl
     from exprae.inference import embed, load
+    from exprae.train import compose
 
 # Module paths of exprae 0.1's flat layout that a run directory's saved config.yaml may name as ``_target_``;
 # they resolve to the module that now holds the class, so runs trained before the move still load and resume.
@@ -54,10 +57,8 @@ def __getattr__(name: str) -> Any:
     # Lazy, so `import exprae` stays cheap and does not pull in torch/anndata until they are used.
     if name == "pl":
         return importlib.import_module("exprae.pl")
-    if name in __all__:
-        from exprae import inference
-
-        return getattr(inference, name)
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'exprae' has no attribute {name!r}")
 
 

@@ -22,6 +22,8 @@ METRIC_NAMES = ("cosine", "pearson", "mse", "loss", "cosine_median", "cosine_p10
 EXTRA_SCORES = {"truth": "{}_to_truth", "masked": "masked_{}", "mcv": "mcv_{}"}
 MCV_COUNT_SCORE = "mcv_poisson"
 
-# Where results land in AnnData, following scanpy's conventions.
-LATENT_OBSM = "X_exprae"
-RECON_LAYER = "exprae_recon"
+# Where exprae.embed writes results in AnnData, following scanpy's conventions; {key} is its key_added.
+DEFAULT_KEY = "exprae"
+LATENT_OBSM = "X_{key}"
+RECON_LAYER = "{key}_recon"
+EXPECTED_COUNTS_LAYER = "{key}_expected_counts"  # count likelihoods only

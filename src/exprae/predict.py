@@ -192,7 +192,7 @@ def predict(cfg: PredictConfig) -> ad.AnnData:
     """Load the model, embed the data, write the output; returns the embedded AnnData."""
     from exprae.data import read_h5ad
     from exprae.data.covariates import level_code
-    from exprae.inference.embed import embed, load
+    from exprae.inference import embed, load
 
     # Fail before any work: an output that cannot be written as asked, a key an .h5ad cannot store, a bad layout.
     out = check_output_file(cfg.out, overwrite=cfg.overwrite, suffix=".h5ad")
@@ -250,8 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     from exprae.inference.splits import summary
 
+    counts_at = adata.uns[cfg.key_added]["keys"].get("expected_counts")  # "layers/<name>" or "obsm/<name>"
+    also = f"; expected counts in {counts_at}" if counts_at else ""
     print(
-        f"exprae-predict: {adata.n_obs} cells embedded; wrote {cfg.out}\n"
+        f"exprae-predict: {adata.n_obs} cells embedded{also}; wrote {cfg.out}\n"
         f"{summary(adata, key_added=cfg.key_added)}\n"
         f"(obs['{cfg.key_added}_split'] marks each cell's split in the run, matched by cell name)"
     )

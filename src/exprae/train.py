@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from exprae.data import ExpressionDataModule
@@ -33,7 +33,14 @@ from exprae.runs.signals import stop_on_signals
 from exprae.scoring.heldout_quality import heldout_quality
 from exprae.scoring.metrics import PerBatchMetrics
 from exprae.scoring.pca_gain import gain_over_pca
-from exprae.training.config_checks import check_config, check_monitors, check_sizes, validation_metric_names
+from exprae.training.build import build_module
+from exprae.training.config_checks import (
+    check_compile,
+    check_config,
+    check_monitors,
+    check_sizes,
+    validation_metric_names,
+)
 from exprae.training.console import (
     console_filter,
     emit,
@@ -69,6 +76,29 @@ def _config_dir() -> str:
 CONFIG_DIR = _config_dir()
 
 
+def compose(overrides: Sequence[str] = (), output_dir: str | Path | None = None) -> DictConfig:
+    """The real configs composed with ``overrides``, as ``exprae-train`` would; ready for :func:`train`.
+
+    ``output_dir`` is the run directory :func:`train` writes (default: a new ``outputs/<date>/<time>``, as
+    ``exprae-train`` makes). Tests, ``scripts/bench_train.py`` and the notebook train through this function.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = hydra_compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+    finally:
+        GlobalHydra.instance().clear()
+    with open_dict(cfg):
+        # Outside exprae-train there is no Hydra runtime: name the run directory as Hydra would.
+        out = str(output_dir) if output_dir is not None else OmegaConf.select(cfg, "hydra.run.dir")
+        cfg.paths.output_dir = cfg.hydra.runtime.output_dir = str(Path(out).expanduser().absolute())
+    return cfg
+
+
 def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
     """Instantiate every entry with a ``_target_`` in a callbacks/logger group."""
     if not cfg:
@@ -79,29 +109,22 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
 def build(cfg: DictConfig) -> tuple[ExpressionDataModule, AutoencoderModule]:
     """Instantiate the datamodule (set up, so the gene count is known) and the LightningModule from ``cfg``."""
     loss = hydra.utils.instantiate(cfg.loss)
-    # A count likelihood declares the output head it needs; its target is raw counts, not the preprocessed input.
-    head = getattr(loss, "head", None)
-    datamodule: ExpressionDataModule = hydra.utils.instantiate(cfg.data, count_target=head is not None)
-    datamodule.setup("fit")
-    head_kwargs = {} if head is None else {"count_head": head.to_dict()}
-    # Covariates (data.batch_key) size the network's one-hot inputs; the module names their levels in its logs.
-    batch_kwargs = {"n_batches": datamodule.n_batches} if datamodule.n_batches else {}
-    net = hydra.utils.instantiate(cfg.model, n_genes=datamodule.n_genes, **head_kwargs, **batch_kwargs)
-    check_sizes(net, n_train=len(datamodule.splits["train"]))
-    aux = cfg.get("aux") or {}
-    aux_loss = hydra.utils.instantiate(aux["loss"]) if aux.get("loss") else None
-    if aux_loss is not None and datamodule.label_key is None:
-        raise ConfigError("an auxiliary latent loss needs labels: set aux.label_key=<obs column>, e.g. bulk_labels")
-    module = hydra.utils.instantiate(
-        cfg.module,
-        net=net,
-        loss=loss,
-        aux_loss=aux_loss,
-        aux_weight=aux.get("weight", 0.0) if aux_loss is not None else 0.0,
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        batch_levels=datamodule.covariates.categories[datamodule.batch_keys[0]] if datamodule.covariates else None,
+    # A count likelihood's target is raw counts, not the preprocessed input: the datamodule keeps them.
+    datamodule: ExpressionDataModule = hydra.utils.instantiate(
+        cfg.data, count_target=getattr(loss, "head", None) is not None
     )
+    datamodule.setup("fit")
+    # Covariates (data.batch_key) size the network's one-hot inputs; the module names their levels in its logs.
+    module = build_module(
+        cfg,
+        n_genes=datamodule.n_genes,
+        n_batches=datamodule.n_batches,
+        batch_levels=datamodule.covariates.categories[datamodule.batch_keys[0]] if datamodule.covariates else None,
+        loss=loss,
+    )
+    check_sizes(module.net, n_train=len(datamodule.splits["train"]))
+    if module.aux_loss is not None and datamodule.label_key is None:
+        raise ConfigError("an auxiliary latent loss needs labels: set aux.label_key=<obs column>, e.g. bulk_labels")
     if "centroid" in module.scored and datamodule.label_key is None:
         raise ConfigError(
             "module.baselines includes centroid, which predicts each cell's cell-type mean: name the label column "
@@ -281,6 +304,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.paths.output_dir)
     try:  # a refused config leaves no directory, even one Hydra created before the task started
         check_config(cfg)
+        check_compile(cfg)
         _check_trainer(cfg)
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
     except BaseException as e:

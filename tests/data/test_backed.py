@@ -171,15 +171,11 @@ def test_buffer_sampler_shards(n_rows, world):
 PROBE = """
 import json, sys, tracemalloc
 import scanpy, scanpy.pp  # imported lazily by a run; imported here so their code objects are not counted
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
-from exprae.train import CONFIG_DIR, train
+from exprae import compose
+from exprae.train import train
 
 out, overrides = sys.argv[1], json.loads(sys.argv[2])
-with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-    cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-with open_dict(cfg):
-    cfg.paths.output_dir = cfg.hydra.runtime.output_dir = out
+cfg = compose(overrides, out)
 def status_kib(field):
     # /proc's VmRSS/VmHWM belong to this process image (ru_maxrss would include the forking pytest process)
     line = next(ln for ln in open("/proc/self/status") if ln.startswith(field + ":"))

@@ -15,7 +15,7 @@ import exprae
 from conftest import train_run
 from exprae.data import ExpressionDataModule
 from exprae.data.datasets import synthetic_counts
-from exprae.inference.embed import GeneMismatchError, UnsafeCheckpointError
+from exprae.inference import GeneMismatchError, UnsafeCheckpointError
 from exprae.losses import cosine_similarity
 from exprae.runs import rundir
 
@@ -197,7 +197,7 @@ def test_checkpoint_that_does_not_fit_its_config_is_a_clear_error(pbmc_run, tmp_
     cfg["model"]["latent_dim"] = 4  # trained with 8
     config.write_text(yaml.safe_dump(cfg))
     with pytest.raises(
-        ValueError, match=r"does not match .*size mismatch for encoder\.8\.weight: .*torch\.Size\(\[8, 128\]\)"
+        ValueError, match=r"does not match .*size mismatch for net\.encoder\.8\.weight: .*torch\.Size\(\[8, 128\]\)"
     ):
         exprae.load(edited)
 

@@ -34,8 +34,8 @@ def test_settings_are_checked():
         ReconstructionFigures(max_cells=1)
 
 
-def test_count_likelihood_run_gets_figures_and_a_clear_refusal_from_load(tmp_path):
-    """Count models are drawn in the input's space; exprae.load says it does not apply them yet."""
+def test_count_likelihood_run_gets_figures_and_loads(tmp_path):
+    """Count models are drawn in the input's space, and exprae.load opens them (count head included)."""
     import exprae
     from conftest import train_run
 
@@ -44,5 +44,4 @@ def test_count_likelihood_run_gets_figures_and_a_clear_refusal_from_load(tmp_pat
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     assert set(events.Tags()["images"]) == {"reconstruction/cosine_histogram", "reconstruction/cells"}
-    with pytest.raises(ValueError, match="trained with a count likelihood"):
-        exprae.load(run)
+    assert exprae.load(run, device="cpu").count_model

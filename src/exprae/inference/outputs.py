@@ -19,6 +19,8 @@ from typing import Literal
 import anndata as ad
 import numpy as np
 
+from exprae.errors import ConfigError
+
 Recon = Literal["auto", "layer", "obsm", "none"]
 RECON_LAYOUTS = ("auto", "layer", "obsm", "none")
 
@@ -26,26 +28,28 @@ RECON_LAYOUTS = ("auto", "layer", "obsm", "none")
 def check_recon(recon: str) -> None:
     """Refuse an unknown layout with the valid ones named."""
     if recon not in RECON_LAYOUTS:
-        raise ValueError(f"recon={recon!r} is not one of {list(RECON_LAYOUTS)}")
+        raise ConfigError(f"recon={recon!r} is not one of {list(RECON_LAYOUTS)}")
 
 
 def write_reconstruction(
-    adata: ad.AnnData, recon_nm: np.ndarray, gene_names: list[str], *, key: str, recon: Recon
+    adata: ad.AnnData, recon_nm: np.ndarray, gene_names: list[str], *, key: str, recon: Recon, name: str | None = None
 ) -> str | None:
     """Store ``recon_nm`` (cells x ``gene_names``, the model's genes found in ``adata``) per ``recon``.
 
-    Returns where it went (``"layers"``, ``"obsm"`` or None) for ``uns``.
+    ``name`` is the layer/obsm key (default ``"{key}_recon"``; a count model's expected counts use the same
+    layout under ``"{key}_expected_counts"``). Returns where it went (``"layers"``, ``"obsm"`` or None) for ``uns``.
     """
+    name = f"{key}_recon" if name is None else name
     dest = adata.var_names.get_indexer(gene_names)
     covers_all = len(gene_names) == adata.n_vars and (dest >= 0).all()
     layout = ("layer" if covers_all else "obsm") if recon == "auto" else recon
     if layout == "none":
         return None
     if layout == "obsm":
-        adata.obsm[f"{key}_recon"] = recon_nm
+        adata.obsm[name] = recon_nm
         adata.uns.setdefault(key, {})["recon_var_names"] = list(gene_names)
         return "obsm"
     full = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
     full[:, dest] = recon_nm
-    adata.layers[f"{key}_recon"] = full
+    adata.layers[name] = full
     return "layers"

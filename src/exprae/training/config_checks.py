@@ -149,6 +149,34 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+def check_compile(cfg: DictConfig) -> None:
+    """``module.compile=graph`` captures one device's step in fp32/bf16: refuse DDP and 16-bit precision up front.
+
+    The module checks again when a trainer is attached; here the same settings are refused before the run
+    directory is written, from the config alone.
+    """
+    if OmegaConf.select(cfg, "module.compile") != "graph":
+        return
+    trainer = cfg.get("trainer") or {}
+    strategy = str(trainer.get("strategy") or "auto")
+    devices, nodes = trainer.get("devices", 1), int(trainer.get("num_nodes") or 1)
+    n_devices = len(devices) if isinstance(devices, (list, ListConfig)) else devices
+    several = any(s in strategy for s in ("ddp", "fsdp", "deepspeed")) or nodes > 1
+    several = several or (isinstance(n_devices, int) and (n_devices > 1 or n_devices == -1))
+    if several:
+        raise ConfigError(
+            f"module.compile=graph captures a single-device step, but the trainer asks for several devices "
+            f"(trainer.strategy={strategy}, trainer.devices={devices}, trainer.num_nodes={nodes}); "
+            "with several devices use module.compile=none or model"
+        )
+    precision = str(trainer.get("precision", "32-true"))
+    if precision.startswith("16"):
+        raise ConfigError(
+            f"module.compile=graph does not support trainer.precision={precision} (its grad scaler checks for infs "
+            "on the host every step); use bf16-mixed or 32-true"
+        )
+
+
 def check_sizes(net: Any, *, n_train: int) -> None:
     """The latent size must fit the data: the PCA baseline (and PCA start) needs latent_dim <= genes, cells-1."""
     limit = min(int(net.n_genes), n_train - 1)

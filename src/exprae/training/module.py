@@ -428,11 +428,11 @@ class AutoencoderModule(pl.LightningModule):
     def _check_graph_supported(self) -> None:
         trainer = self.trainer
         if trainer.world_size > 1:
-            raise ValueError(
+            raise ConfigError(
                 "module.compile=graph captures a single-device step; with several devices use compile=none or model"
             )
         if str(trainer.precision).startswith("16"):
-            raise ValueError(
+            raise ConfigError(
                 f"module.compile=graph does not support precision={trainer.precision} (its grad scaler checks for "
                 "infs on the host every step); use bf16-mixed or 32-true"
             )
