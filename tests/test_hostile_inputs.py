@@ -238,7 +238,7 @@ def test_predict_out_an_existing_directory_is_refused_even_with_overwrite(pbmc_r
 
 
 def test_predict_into_an_unwritable_folder_fails_before_loading(pbmc_run, pbmc_path, capsys, monkeypatch):
-    embed_module = importlib.import_module("exprae.inference.embed")
+    embed_module = importlib.import_module("exprae.inference")  # where exprae-predict takes load from
     monkeypatch.setattr(
         embed_module, "load", lambda *a, **k: pytest.fail("the model was loaded before the output check")
     )
