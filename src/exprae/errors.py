@@ -46,11 +46,13 @@ class OutputError(ExpraeError, OSError):
     """A folder exprae must write to cannot be written, or a name cannot be stored in an AnnData file."""
 
 
-class RunInterrupted(ExpraeError):
+class RunInterrupted(BaseException):
     """SIGTERM or SIGINT stopped the run; the message says what was kept and how to resume.
 
     Not a mistake in the input, but reported the same way: one paragraph, a non-zero exit status
-    (128 + the signal number, as a shell reports a process stopped by that signal).
+    (128 + the signal number, as a shell reports a process stopped by that signal). A ``BaseException``,
+    as ``KeyboardInterrupt`` is: the signal may arrive inside any library call, and a library's
+    ``except Exception`` (h5py and anndata reading a file, for one) must not turn it into another error.
     """
 
     def __init__(self, message: str, *, signum: int) -> None:
