@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import pytorch_lightning as pl
@@ -56,6 +57,7 @@ def test_divergence_keeps_the_last_good_checkpoint(compose_cfg):
     assert "(epoch 1, step" in message, message
     ckpt = read_checkpoint(last)
     assert ckpt["epoch"] == 1
+    assert not (last.parents[1] / runguard.LOCK_FILE).exists(), "a failed run left its lock file behind"
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
 
 
@@ -168,3 +170,71 @@ def test_lock_is_released_when_the_holder_dies(tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.05)
     runguard.release(tmp_path / "run")
+
+
+class LockProbe(pl.Callback):
+    """At every epoch, records whether another process's attempt to lock the run directory is refused."""
+
+    refused: ClassVar[list[bool]] = []  # class-level: Hydra instantiates the callback, the test reads what it saw
+
+    def __init__(self, run_dir: str) -> None:
+        self.path = Path(run_dir) / runguard.LOCK_FILE
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR)  # FileNotFoundError if the lock file is gone mid-run
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            LockProbe.refused.append(False)
+        except BlockingIOError:
+            LockProbe.refused.append(True)
+        finally:
+            os.close(fd)
+
+
+def test_lock_guards_a_run_and_its_resume_and_is_removed_when_they_end(compose_cfg, monkeypatch):
+    monkeypatch.setattr(LockProbe, "refused", [])
+    first = compose_cfg("trainer.max_epochs=1", *SMALL)
+    run_dir = Path(first.paths.output_dir)
+    for cfg in (first, compose_cfg("trainer.max_epochs=2", "ckpt_path=last", *SMALL)):
+        with open_dict(cfg):
+            cfg.paths.output_dir = cfg.hydra.runtime.output_dir = str(run_dir)
+            cfg.callbacks.lock_probe = {"_target_": f"{__name__}.LockProbe", "run_dir": str(run_dir)}
+        train(cfg)
+        assert not (run_dir / runguard.LOCK_FILE).exists(), "a finished run left its lock file behind"
+    # Epoch 0 of the first run, then epoch 1 of its resume: both held the lock against another process.
+    assert LockProbe.refused == [True, True]
+
+
+def test_release_removes_the_lock_file_and_acquire_skips_a_removed_one(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    assert runguard.acquire(run, resume=False)
+    assert (run / runguard.LOCK_FILE).is_file()
+    runguard.release(run)
+    assert not (run / runguard.LOCK_FILE).exists()
+    # A second process opened the file just before the holder removed it and dropped its lock: its flock then
+    # succeeds on a removed file. acquire must notice and lock the file at the path instead.
+    real_flock, calls = runguard.fcntl.flock, []
+
+    def flock_after_the_holder_left(fd: int, op: int) -> None:
+        if not calls:
+            (run / runguard.LOCK_FILE).unlink()
+        calls.append(op)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(runguard.fcntl, "flock", flock_after_the_holder_left)
+    assert runguard.acquire(run, resume=False)
+    held = runguard._held[runguard._key(run)]
+    assert len(calls) == 2, "acquire kept a lock on a removed file"
+    assert os.fstat(held).st_ino == os.stat(run / runguard.LOCK_FILE).st_ino
+    monkeypatch.undo()
+    with pytest.raises(RunDirError, match="in use by another exprae run"):
+        _locked_elsewhere(run)
+    runguard.release(run)
+    assert not (run / runguard.LOCK_FILE).exists()
+
+
+def _locked_elsewhere(run: Path) -> None:
+    """Try to take ``run``'s lock as another process would (a fresh open file description)."""
+    runguard._lock_file(runguard._key(run))

@@ -3,6 +3,10 @@
 * A run takes an exclusive ``flock`` on ``<run dir>/.exprae.lock`` and holds it until it ends. The kernel
   drops the lock when the process dies (even by SIGKILL), so a killed run never blocks its own resume, and a
   second live run into the same directory is refused with the holder's pid instead of interleaving writes.
+* A run that ends (finished or failed) removes the lock file while it still holds the lock, so a finished
+  run directory holds only results. Only a killed process leaves one, unlocked and harmless; its resume
+  takes it over. Because the file can vanish under a process that has opened it, :func:`acquire` checks
+  that the file it locked is still the one at the path (else it locked a deleted file and tries again).
 * A fresh run (no ``ckpt_path``) into a directory that already holds a run's artefacts is refused: the way
   into an existing run directory is to resume it.
 * A run that fails before it has written anything (bad data, bad config) leaves no run directory behind:
@@ -71,16 +75,7 @@ def acquire(out_dir: str | Path, *, resume: bool) -> bool:
             f"output directory {key} already holds an exprae run ({', '.join(found)}); resume it with "
             "ckpt_path=last, or write this run elsewhere (the default hydra.run.dir is new for every run)"
         )
-    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown process"
-        os.close(fd)
-        raise RunDirError(
-            f"output directory {key} is in use by another exprae run ({holder}); two runs writing into one "
-            "directory would overwrite each other's checkpoints, so this one stops here"
-        ) from None
+    fd = _lock_file(key)
     os.ftruncate(fd, 0)
     os.pwrite(
         fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0
@@ -89,10 +84,48 @@ def acquire(out_dir: str | Path, *, resume: bool) -> bool:
     return True
 
 
+def _lock_file(key: Path) -> int:
+    """Open and lock ``key``'s lock file; return its descriptor, or raise if a live run holds it."""
+    path = key / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "unknown process"
+            os.close(fd)
+            raise RunDirError(
+                f"output directory {key} is in use by another exprae run ({holder}); two runs writing into one "
+                "directory would overwrite each other's checkpoints, so this one stops here"
+            ) from None
+        if _same_file(fd, path):
+            return fd
+        # The previous holder removed the file between our open and our lock: this lock guards nothing.
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path`` (not one removed since it was opened)."""
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (opened.st_dev, opened.st_ino) == (at_path.st_dev, at_path.st_ino)
+
+
 def release(out_dir: str | Path) -> None:
-    """Drop this process's lock on ``out_dir`` (the lock file stays; an unheld lock file is harmless)."""
-    fd = _held.pop(_key(out_dir), None)
+    """Remove ``out_dir``'s lock file and drop this process's lock on it (a no-op if this process holds none).
+
+    The file is removed before the lock is dropped, so no other process can lock it in between and then
+    lose it; one that opened it earlier notices in :func:`acquire` that it locked a removed file.
+    """
+    key = _key(out_dir)
+    fd = _held.pop(key, None)
     if fd is not None:
+        if _same_file(fd, key / LOCK_FILE):
+            with contextlib.suppress(OSError):  # a read-only or vanished directory: the unheld file is harmless
+                (key / LOCK_FILE).unlink()
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
