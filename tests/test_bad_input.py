@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -232,9 +233,40 @@ def test_all_zero_genes_warn(compose_cfg, tmp_path):
     cfg = compose_cfg(
         "data=h5ad", f"data.path={path}", "data.preprocess.n_top_genes=null", "trainer.fast_dev_run=true", *SMALL
     )
-    with pytest.warns(UserWarning, match=r"2 genes are zero in every cell, e.g. \['" + adata.var_names[4]):
+    with pytest.warns(UserWarning, match=r"2 genes are zero in every cell, e.g. \['" + adata.var_names[4]) as seen:
         metrics = train(cfg)
+    message = next(str(w.message) for w in seen if "zero in every cell" in str(w.message))
+    assert "data.preprocess.n_top_genes=2000" in message, message  # unset: the advice is to set it
     assert math.isfinite(metrics["val"]["model"]["cosine"])
+
+
+def _zero_gene_warnings(tmp_path: Path, n_top_genes: int | None, n_zero: int) -> list[str]:
+    """The zero-gene warnings of a datamodule set up on 300 x 200 counts whose first ``n_zero`` genes are zero."""
+    from exprae.data import ExpressionDataModule
+
+    adata = counts()
+    x = adata.X.toarray()
+    x[:, :n_zero] = 0
+    adata.X = sp.csr_matrix(x)
+    preprocess = {"normalize_total": 1e4, "log1p": True, "n_top_genes": n_top_genes}  # data=h5ad's defaults
+    dm = ExpressionDataModule(dataset=None, path=str(write(adata, tmp_path)), batch_size=32, preprocess=preprocess)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        dm.setup("fit")
+    return [str(w.message) for w in seen if "zero in every cell" in str(w.message)]
+
+
+def test_zero_genes_dropped_by_gene_selection_are_not_mentioned(tmp_path):
+    # n_top_genes=100 of 200: the 5 zero genes have no variance, so the selection drops them; nothing to say.
+    assert _zero_gene_warnings(tmp_path, 100, n_zero=5) == []
+
+
+def test_zero_gene_advice_matches_a_gene_selection_that_keeps_them(tmp_path):
+    # n_top_genes=500 of 200 genes keeps all, zero ones included: the advice cannot be "set n_top_genes".
+    (message,) = _zero_gene_warnings(tmp_path, 500, n_zero=5)
+    assert "5 genes are zero in every cell" in message, message
+    assert "data.preprocess.n_top_genes=500 keeps them (200 genes present, so all are kept)" in message, message
+    assert "lower n_top_genes or filter them out" in message and "=2000" not in message, message
 
 
 def test_zero_variance_genes_under_scaling(compose_cfg, tmp_path):

@@ -188,17 +188,12 @@ class ExpressionDataModule(pl.LightningDataModule):
                 "their cosine is defined as 0, so the loss and metrics stay finite",
                 stacklevel=2,
             )
-        silent = _all_zero(adata.X, axis=0)
-        if silent.any():
-            warnings.warn(
-                f"{what}: {int(silent.sum())} genes are zero in every cell, e.g. {list(adata.var_names[silent][:3])}; "
-                "they carry no signal (select genes with data.preprocess.n_top_genes or filter them out)",
-                stacklevel=2,
-            )
+        silent = adata.var_names[_all_zero(adata.X, axis=0)]
         self._split(adata.obs, what)
         self._encode_covariates(adata.obs, what)
         processed = self.preprocess.per_cell(adata)
         self.preprocess.fit(processed[self.splits["train"]])
+        _warn_silent_genes(silent, self.preprocess, n_genes=adata.n_vars, what=what)
         self.adata = self.preprocess.transform(adata)
         for col in full.var.columns.difference(self.adata.var.columns):
             # Gene annotations (e.g. synthetic data's true_dispersion) follow the kept genes.
@@ -543,3 +538,27 @@ class ExpressionDataModule(pl.LightningDataModule):
         for name, idx in self.splits.items():
             split[idx] = name
         return pd.DataFrame({"obs_name": self.adata.obs_names, "split": split})
+
+
+def _warn_silent_genes(silent: pd.Index, preprocess: Preprocessing, *, n_genes: int, what: str) -> None:
+    """Warn about genes zero in every cell that the model keeps, with advice that fits the gene selection.
+
+    Zero genes that highly-variable-gene selection drops cost nothing, so they are not mentioned.
+    """
+    kept = silent[silent.isin(preprocess.genes)]
+    if kept.empty:
+        return
+    n_top = preprocess.n_top_genes
+    if n_top is None:
+        advice = "keep highly variable genes with data.preprocess.n_top_genes=2000 (for example) or filter them out"
+    else:
+        advice = (
+            f"data.preprocess.n_top_genes={n_top} keeps them ({n_genes} genes present"
+            + (", so all are kept" if n_top >= n_genes else "; more are asked for than vary")
+            + "): lower n_top_genes or filter them out"
+        )
+    warnings.warn(
+        f"{what}: {len(kept)} genes are zero in every cell, e.g. {list(kept[:3])}; they carry no signal "
+        f"({advice}, e.g. sc.pp.filter_genes(adata, min_cells=1))",
+        stacklevel=3,
+    )
