@@ -117,6 +117,12 @@ class Verdict:
             text += ": cannot tell with fewer than 2 seeds per setting."
         elif exceeds:
             text += ": **the difference exceeds the seed-to-seed spread**."
+        elif second.pooled_sd > 0 and second.difference > 2 * second.pooled_sd:
+            # Several sd apart yet not significant: too few seeds to tell, which is not "within the spread".
+            text += (
+                f": larger than the seed-to-seed sd but not significant with {min(self.best_n, second.n)} seeds "
+                f"(p ≥ {ALPHA:g}), **no clear winner yet**; more seeds would tell."
+            )
         else:
             text += ": within the seed-to-seed spread, **no clear winner**."
         tied = [g.setting for g in self.gaps if g.exceeds_spread is False]

@@ -234,6 +234,12 @@ def test_verdict_separates_a_real_gap_from_seed_noise():
     )
     assert two.exceeds_spread is True and "the difference exceeds the seed-to-seed spread" in two.sentence()
 
+    # 6 sd apart with two seeds each is not significant (p ~ 0.1): too few seeds, not "within the spread".
+    few = decide(summarize(_table({"mse": [0.4065, 0.4071], "cosine": [0.4058, 0.4058]}), ["loss"]), metric="cosine")
+    assert few.exceeds_spread is False and few.runner_up.difference > 2 * few.runner_up.pooled_sd
+    assert "not significant with 2 seeds (p ≥ 0.05), **no clear winner yet**" in few.sentence()
+    assert "within the seed-to-seed spread" not in few.sentence()
+
     single = decide(summarize(_table({"mse": [0.40], "cosine": [0.45]}), ["loss"]), metric="cosine")
     assert single.exceeds_spread is None and "cannot tell" in single.sentence()
 
