@@ -83,3 +83,24 @@ def test_metrics_figure_with_two_settings_keeps_points_legend_and_span_apart():
     assert fig.legends, "the figure has no legend"
     cosine = panels[0]
     assert cosine.get_ylim()[0] < -0.02, "the y-axis does not reach the mean-profile floor"
+
+
+def test_run_report_curves_reach_the_floor_and_state_the_loss_change():
+    from exprae.report.run_report import curves_figure
+
+    history = pd.DataFrame(
+        {
+            "epoch": range(9),
+            "val/loss": 0.8258 - 0.0003 * np.arange(9),
+            "val/cosine": 0.4152 + 0.0004 * np.arange(9),
+        }
+    )
+    metrics = {"best_epoch": 8, "val": {"pca": {"cosine": 0.4152, "loss": None}, "mean": {"cosine": -0.0201}}}
+    fig = curves_figure(history, metrics)
+    loss_ax, cosine_ax = (a for a in fig.axes if a.get_title())
+    assert cosine_ax.get_ylim()[0] < -0.0201, "the cosine axis is zoomed past the mean-profile floor"
+    (inset,) = cosine_ax.child_axes
+    assert inset.get_title().startswith("zoom: y from 0.41")
+    assert "epoch 0 to best: -0.0024, -0.29 %" in loss_ax.get_title(), loss_ax.get_title()
+    stars = [o for c in cosine_ax.collections for o in c.get_offsets() if c.get_sizes().tolist() == [160.0]]
+    assert [int(x) for x, _ in stars] == [8], "the best epoch is not starred"

@@ -97,10 +97,11 @@ def curves_plot(curves: pd.DataFrame, summary: pd.DataFrame) -> Figure:
         if not floor.empty:
             ax.axhline(floor.mean(), color="0.7", ls=":", lw=1.5, label="mean profile, same cells")
             lo, hi = ax.dataLim.intervaly
-            zoom = _zoom_inset(ax, rows, pca, full=(min(lo, floor.min()), max(hi, floor.max())))
+            values = np.concatenate([rows["value"].to_numpy(float), pca])
+            zoom = zoom_inset(ax, values, full=(min(lo, floor.min()), max(hi, floor.max())))
             if zoom is not None:
                 _draw_curves(zoom, rows, settings, colors, pca)
-                zoom.set_title(f"zoom: y from {zoom.get_ylim()[0]:.4f} to {zoom.get_ylim()[1]:.4f}", fontsize=8)
+                zoom.set_title(zoom_title(zoom), fontsize=8)
         ax.set_xlabel("epochs trained (0: the model before training)")
         ax.set_ylabel(title.rsplit(" ", 1)[0])
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -132,9 +133,11 @@ def _draw_curves(ax: Axes, rows: pd.DataFrame, settings: list[str], colors: Colo
         ax.axhline(value, color="0.35", ls="--", lw=1, label="PCA, same cells" if value == pca[0] else None)
 
 
-def _zoom_inset(ax: Axes, rows: pd.DataFrame, pca: np.ndarray, *, full: tuple[float, float]) -> Axes | None:
-    """An inset between the curves and the floor, zoomed onto the curves (None when they fill the panel)."""
-    values = np.concatenate([rows["value"].to_numpy(float), pca])
+def zoom_inset(ax: Axes, values: np.ndarray, *, full: tuple[float, float]) -> Axes | None:
+    """Show ``ax`` over the ``full`` y range and add an inset zoomed onto ``values`` (None if they fill it).
+
+    The inset's caller draws into it and titles it with its y range.
+    """
     values = values[np.isfinite(values)]
     if values.size == 0:
         return None
@@ -154,6 +157,12 @@ def _zoom_inset(ax: Axes, rows: pd.DataFrame, pca: np.ndarray, *, full: tuple[fl
     for line in getattr(indicator, "connectors", None) or indicator[1]:  # lines across the panel only clutter it
         line.set_visible(False)
     return zoom
+
+
+def zoom_title(zoom: Axes) -> str:
+    """What an inset says about its zoom: the y range it shows, in the metric's units."""
+    lo, hi = zoom.get_ylim()
+    return f"zoom: y from {lo:.4f} to {hi:.4f}"
 
 
 def _figure(*, figsize: tuple[float, float]) -> Figure:

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from exprae.report import figures as sweep_figures
 from exprae.report import html as page_parts
 from exprae.runs import rundir
 from exprae.scoring import figures
@@ -47,29 +49,55 @@ def results_table(metrics: dict) -> str:
 
 
 def curves_figure(history: pd.DataFrame, metrics: dict) -> Figure:
-    """Validation loss and cosine per epoch (0: before training), the best epoch starred, PCA dashed."""
-    fig = Figure(figsize=(11, 3.8), layout="constrained")
+    """Validation loss and cosine per epoch (0: before training), the best epoch starred, PCA dashed.
+
+    The cosine axis reaches the mean-profile floor with a zoomed inset (as in ``exprae-compare``'s curves);
+    the loss has no floor to show, so its title states the change from epoch 0 to the best epoch in units.
+    """
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
     best = metrics.get("best_epoch")
     for ax, (column, label) in zip(
         fig.subplots(1, 2), (("val/loss", "val loss ↓"), ("val/cosine", "val cosine ↑")), strict=True
     ):
         if column not in history:
             continue
-        ax.plot(history["epoch"], history[column], marker=".", color=figures.COLORS["model"], label="exprae")
-        pca = metrics.get("val", {}).get("pca", {}).get(column.split("/")[1])
-        if pca is not None:
-            ax.axhline(pca, color=figures.COLORS["pca"], ls="--", lw=1, label="PCA, same cells")
-        if best is not None and (history["epoch"] == best).any():
-            y = history.loc[history["epoch"] == best, column].iloc[0]
-            ax.scatter(
-                [best], [y], marker="*", s=160, color="gold", edgecolors="black", zorder=5, label=f"best epoch {best}"
-            )
+        scored = metrics.get("val", {})
+        pca = scored.get("pca", {}).get(column.split("/")[1])
+        _draw_run_curve(ax, history, column, best=best, pca=pca)
+        floor = scored.get("mean", {}).get(column.split("/")[1])
+        title = label
+        if column == "val/cosine" and floor is not None:
+            ax.axhline(floor, color=figures.COLORS["mean"], ls=":", lw=1.5, label="mean profile, same cells")
+            lo, hi = ax.dataLim.intervaly
+            values = np.append(history[column].to_numpy(float), [] if pca is None else [pca])
+            zoom = sweep_figures.zoom_inset(ax, values, full=(min(lo, floor), max(hi, floor)))
+            if zoom is not None:
+                _draw_run_curve(zoom, history, column, best=best, pca=pca)
+                zoom.set_title(sweep_figures.zoom_title(zoom), fontsize=7)
+        elif best is not None and (history["epoch"] == best).any() and (history["epoch"] == 0).any():
+            start = history.loc[history["epoch"] == 0, column].iloc[0]
+            change = history.loc[history["epoch"] == best, column].iloc[0] - start
+            title = f"{label}\n(y zoomed; epoch 0 to best: {change:+.4f}, {100 * change / abs(start):+.2f} %)"
         ax.set_xlabel("epochs trained (0: the model before training)")
         ax.set_ylabel(label.rsplit(" ", 1)[0])
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(label, fontsize="medium")
-        ax.legend(fontsize="small", frameon=False)
+        ax.set_title(title, fontsize="medium")
+    # One legend below both panels: inside a panel it would cover the curve or the inset.
+    entries = {label: h for ax in fig.axes for h, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=len(entries), fontsize="small")
     return fig
+
+
+def _draw_run_curve(ax: Axes, history: pd.DataFrame, column: str, *, best: int | None, pca: float | None) -> None:
+    """One run's validation curve, its PCA level and its best epoch (starred)."""
+    ax.plot(history["epoch"], history[column], marker=".", color=figures.COLORS["model"], label="exprae")
+    if pca is not None:
+        ax.axhline(pca, color=figures.COLORS["pca"], ls="--", lw=1, label="PCA, same cells")
+    if best is not None and (history["epoch"] == best).any():
+        y = history.loc[history["epoch"] == best, column].iloc[0]
+        ax.scatter(
+            [best], [y], marker="*", s=160, color="gold", edgecolors="black", zorder=5, label=f"best epoch {best}"
+        )
 
 
 def worst_cells(cells: pd.DataFrame, n: int = N_WORST) -> str:
