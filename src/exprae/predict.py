@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,19 +207,23 @@ def predict(cfg: PredictConfig) -> ad.AnnData:
     if cfg.transform_batch is not None:  # an unknown level fails before the data is read
         level_code(model.batch_categories, cfg.transform_batch)
     adata = read_h5ad(cfg.data.path)
-    embed(
-        model,
-        adata,
-        layer=cfg.data.layer,
-        key_added=cfg.key_added,
-        batch_size=cfg.batch_size,
-        allow_missing_genes=cfg.allow_missing_genes,
-        baselines=cfg.baselines,
-        transform_batch=cfg.transform_batch,
-        recon=cfg.recon,
-    )
+    with warnings.catch_warnings(record=True) as seen:  # held back: a refusal below says the same in full
+        warnings.simplefilter("always")
+        embed(
+            model,
+            adata,
+            layer=cfg.data.layer,
+            key_added=cfg.key_added,
+            batch_size=cfg.batch_size,
+            allow_missing_genes=cfg.allow_missing_genes,
+            baselines=cfg.baselines,
+            transform_batch=cfg.transform_batch,
+            recon=cfg.recon,
+        )
     if cfg.check_representation:
         refuse_other_representation(adata.uns[cfg.key_added]["representation"], model_dir=model.run_dir)
+    for w in seen:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     write_h5ad_atomic(adata, out, overwrite=cfg.overwrite)
     return adata
 
@@ -229,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(f"{USAGE}\n\n{__doc__}")
         return 0 if argv else 2
+    from exprae.training.console import short_warnings
+
+    short_warnings()  # one line per warning, without exprae's source path and code line
     try:
         cfg = parse_args(argv)
     except PredictError as e:

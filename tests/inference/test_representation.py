@@ -47,14 +47,20 @@ def test_predict_refuses_counts_for_a_scaled_model_unless_told(pbmc_run, pbmc, t
     _counts_like(pbmc).write_h5ad(path)
     out = tmp_path / "out.h5ad"
     args = [f"ckpt={pbmc_run}", f"data.path={path}", f"out={out}"]
-    with pytest.warns(UserWarning):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         assert predict.main(args) == 1
     err = capsys.readouterr().err
     assert "does not look like the representation the model" in err and "check_representation=false" in err
+    # The refusal says it all: no warning repeating it first.
+    assert not [w for w in seen if "representation the model was trained on" in str(w.message)]
     assert not out.exists()
-    with pytest.warns(UserWarning):
+    with pytest.warns(UserWarning, match="may not be in the representation") as told:
         assert predict.main([*args, "check_representation=false"]) == 0
     assert out.exists()
+    # The command-line format: one line, no source path or code line.
+    line = warnings.formatwarning(told[0].message, told[0].category, told[0].filename, told[0].lineno)
+    assert line.startswith("UserWarning: these cells may not be") and ".py:" not in line, line
 
 
 def test_real_raw_counts_are_refused_by_a_scaled_model(pbmc_run, realdata, tmp_path, capsys):
@@ -64,7 +70,8 @@ def test_real_raw_counts_are_refused_by_a_scaled_model(pbmc_run, realdata, tmp_p
     path = tmp_path / "pbmc4k.h5ad"
     counts.write_h5ad(path)
     out = tmp_path / "out.h5ad"
-    with pytest.warns(UserWarning):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # allow_missing_genes warns about the zero-filled genes
         code = predict.main([f"ckpt={pbmc_run}", f"data.path={path}", f"out={out}", "allow_missing_genes=true"])
     assert code == 1 and not out.exists()
     assert "raw counts?" in capsys.readouterr().err
