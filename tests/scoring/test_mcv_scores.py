@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.stats import poisson
@@ -89,6 +91,17 @@ def test_every_method_is_scored_on_held_out_molecules(compose_cfg):
     # Denoising shows: the trained model and PCA beat the mean profile on the held-out molecules.
     assert metrics["test"]["pca"]["mcv_mse"] < metrics["test"]["mean"]["mcv_mse"]
     assert math.isfinite(metrics["test"]["model"]["mcv_mse"])
+    # cells.csv holds the per-cell MCV scores behind those means (what exprae-compare pairs cell by cell).
+    cells = pd.read_csv(Path(cfg.paths.output_dir) / "cells.csv")
+    for stage in ("val", "test"):
+        rows = cells[cells["split"] == stage]
+        for who, prefix in (("model", ""), ("pca", "pca_"), ("mean", "meanprofile_")):
+            for name in ("mcv_mse", "mcv_cosine", "mcv_pearson", "mcv_poisson"):
+                assert rows[prefix + name].mean() == pytest.approx(metrics[stage][who][name], rel=1e-4), (stage, who)
+    test_rows = cells[cells["split"] == "test"].set_index("obs_name")
+    names = np.asarray(datamodule.adata.obs_names)[datamodule.splits["test"]]
+    per_cell = pd.Series(((mean_g - target) ** 2).mean(axis=1), index=names)
+    np.testing.assert_allclose(test_rows.loc[names, "meanprofile_mcv_mse"], per_cell, rtol=1e-4)
 
 
 def test_count_model_is_scored_and_mcv_can_judge_checkpoints(compose_cfg):
@@ -97,6 +110,11 @@ def test_count_model_is_scored_and_mcv_can_judge_checkpoints(compose_cfg):
     metrics = train(cfg)
     assert metrics["start"]["monitor"] == "val/mcv_mse"  # the PCA start competes on MCV
     assert metrics["test"]["model"]["mcv_mse"] < metrics["test"]["mean"]["mcv_mse"]
+    # The count model's per-cell MCV scores come from the same seeded posterior draws as the logged mean.
+    cells = pd.read_csv(Path(cfg.paths.output_dir) / "cells.csv")
+    test_rows = cells[cells["split"] == "test"]
+    assert test_rows["mcv_mse"].mean() == pytest.approx(metrics["test"]["model"]["mcv_mse"], rel=1e-4)
+    assert test_rows["mcv_poisson"].mean() == pytest.approx(metrics["test"]["model"]["mcv_poisson"], rel=1e-4)
 
 
 def test_mcv_monitor_is_refused_without_a_molecule_split(compose_cfg):

@@ -4,8 +4,11 @@ A mean over cells hides who is behind it; two settings scored on the same held-o
 cell by cell (a paired difference, ``exprae-compare``'s bootstrap). The callback scores every validation and
 test cell of the *final* evaluation (the best checkpoint, after training: Lightning's ``validate``/``test``
 calls, not the per-epoch validation inside ``fit``) with the same reconstruction and target as the logged
-metrics, and writes one row per cell: its name, split, and cosine / Pearson / MSE of the model, the PCA and
-the mean-profile baseline.
+metrics, and writes one row per cell: its name, split, and cosine / Pearson / MSE of the model and of each
+scored baseline (``pca_cosine``, ``meanprofile_mse``, ...). With a molecule split (``data.mcv``) each of them
+also gets its MCV scores against the cell's held-out molecules x'' (``mcv_mse``, ``mcv_cosine``,
+``mcv_pearson``, ``mcv_poisson``; ``pca_mcv_mse``, ...), exactly the per-cell values behind the logged
+``test/mcv_*`` means, so ``exprae-compare`` can pair settings cell by cell under the MCV judge.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 
-from exprae.constants import BATCH_KEY, INDEX_KEY, X_KEY
+from exprae.constants import BATCH_KEY, INDEX_KEY, MCV_TARGET_KEY, X_KEY
 from exprae.runs import rundir
 from exprae.scoring.metrics import per_cell_metrics
 
@@ -33,6 +36,12 @@ def scored_reconstructions(pl_module: pl.LightningModule, batch: dict[str, torch
 
     Count likelihoods are compared in the input's representation, with the input itself as the target.
     """
+    target_ng, recons, _ = _scored(pl_module, batch)
+    return target_ng, recons
+
+
+def _scored(pl_module: pl.LightningModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, dict]:
+    """:func:`scored_reconstructions` plus the module's raw output (a count model's parameters, for MCV)."""
     with torch.no_grad():
         x_ng = batch[X_KEY].float()
         out = pl_module(x_ng, batch.get(BATCH_KEY))  # batch covariates, as the module's own step
@@ -41,7 +50,23 @@ def scored_reconstructions(pl_module: pl.LightningModule, batch: dict[str, torch
         if pl_module.with_baselines:  # the baselines the module scores (module.baselines), as it scores them
             scored = pl_module._baseline_recons(x_ng, batch)
             recons.update({who: r.float() for who, r in scored.items()})
-    return target_ng, recons
+    return target_ng, recons, out
+
+
+def mcv_cell_scores(
+    pl_module: pl.LightningModule, batch: dict[str, torch.Tensor], out: dict, recons: dict[str, torch.Tensor]
+) -> dict[str, np.ndarray]:
+    """Per-cell MCV scores of the model and each baseline against the held-out molecules x'' (empty without them)."""
+    if getattr(pl_module, "mcv", None) is None or MCV_TARGET_KEY not in batch:
+        return {}
+    columns = {}
+    with torch.no_grad():
+        for who, (pred_ng, nll_n) in pl_module.mcv_predictions(out, batch, recons).items():
+            prefix = SCORER_PREFIX.get(who, who + "_")
+            for name, values in per_cell_metrics(pred_ng.float(), batch[MCV_TARGET_KEY].float()).items():
+                columns[f"{prefix}mcv_{name}"] = values.cpu().numpy()
+            columns[f"{prefix}mcv_poisson"] = nll_n.float().cpu().numpy()
+    return columns
 
 
 class CellScores(Callback):
@@ -70,11 +95,12 @@ class CellScores(Callback):
         stage = self._stage(trainer)
         if stage is None:
             return
-        target_ng, recons = scored_reconstructions(pl_module, batch)
+        target_ng, recons, out = _scored(pl_module, batch)
         row = {"index": batch[INDEX_KEY].cpu().numpy()}
         for who, recon_ng in recons.items():
             for name, values in per_cell_metrics(recon_ng, target_ng).items():
                 row[f"{SCORER_PREFIX.get(who, who + '_')}{name}"] = values.cpu().numpy()
+        row.update(mcv_cell_scores(pl_module, batch, out, recons))
         self._rows[stage].append(row)
 
     def on_validation_batch_end(

@@ -348,11 +348,16 @@ class AutoencoderModule(pl.LightningModule):
         # Count likelihoods fit raw counts; their metrics (and the baselines') are taken in the input's space.
         return batch[X_KEY] if self.count_loss else batch[TARGET_KEY]
 
-    def _score_held_out_molecules(
-        self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], recons: dict[str, torch.Tensor], stage: str
-    ) -> None:
-        """MCV: each method's own prediction of x'' (count models through their predictive distribution)."""
+    def mcv_predictions(
+        self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], recons: dict[str, torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """MCV: each method's own prediction of x'' and the per-cell Poisson NLL of x'' under its expected counts.
+
+        Count models predict through their predictive distribution (seeded posterior draws, so the same batch
+        always gives the same prediction); expression models and baselines through their reconstruction.
+        """
         size_factor_n = batch.get(SIZE_FACTOR_KEY)
+        predictions = {}
         for who, recon in recons.items():
             if who == "model" and self.count_loss:
                 params = count_parameters(out, batch)
@@ -362,7 +367,13 @@ class AutoencoderModule(pl.LightningModule):
             else:
                 pred = recon
                 mean_ng = self.mcv.count_mean(recon_ng=recon, size_factor_n=size_factor_n)
-            nll_n = poisson_nll(batch[MCV_COUNTS_KEY], mean_ng)
+            predictions[who] = (pred, poisson_nll(batch[MCV_COUNTS_KEY], mean_ng))
+        return predictions
+
+    def _score_held_out_molecules(
+        self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], recons: dict[str, torch.Tensor], stage: str
+    ) -> None:
+        for who, (pred, nll_n) in self.mcv_predictions(out, batch, recons).items():
             self.metrics[f"{stage}_{who}_mcv"].update(pred, batch[MCV_TARGET_KEY], nll_n)
 
     def _score_masked(self, batch: dict[str, torch.Tensor], stage: str) -> None:
