@@ -178,10 +178,12 @@ def summarize(table: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     summary["seeds"] = grouped["seed"].agg(lambda s: " ".join(str(v) for v in s))
     if "latent_dim" in table:
         summary["latent_dim"] = grouped["latent_dim"].agg(lambda s: "/".join(str(v) for v in s.unique()))
+    stats = {}
     for col in metric_cols:
-        summary[f"{col}/mean"] = grouped[col].mean()
-        summary[f"{col}/sd"] = grouped[col].std(ddof=1)
-    return summary.reset_index()
+        stats[f"{col}/mean"] = grouped[col].mean()
+        stats[f"{col}/sd"] = grouped[col].std(ddof=1)
+    # All at once: with the MCV and truth scores there are hundreds of columns (pandas warns on one-by-one inserts).
+    return pd.concat([summary, pd.DataFrame(stats, index=summary.index)], axis=1).reset_index()
 
 
 def decide(summary: pd.DataFrame, *, metric: str, stage: Stage = "test", panel: str = "") -> Verdict:
@@ -328,10 +330,13 @@ def compare(
         raise ValueError(f"nothing to compare in {sweep_dir}: {found}")
     keys = group_keys(table, runs, seed_key=seed_key)
     summary = summarize(table, keys)
+    # With a molecule split (data.mcv) the judge comes first: mcv_mse on the held-out molecules measures
+    # denoising, which reconstruction of the noisy input (cosine, MSE) cannot (docs/mcv.md).
+    judged = ("mcv_mse",) if f"{stage}/model/mcv_mse/mean" in summary else ()
     verdicts = [
         _with_paired(decide(members, metric=m, stage=stage, panel=label), runs, table, keys)
         for label, members in panels(summary, keys, within=within)
-        for m in ("cosine", "mse")
+        for m in (*judged, "cosine", "mse")
     ]
     _warn_hidden_differences(runs, table, keys, seed_key=seed_key)
 

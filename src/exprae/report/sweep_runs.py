@@ -114,8 +114,11 @@ def metrics_table(runs: list[Run]) -> pd.DataFrame:
         row["split_seed"] = run.config.get("data.split_seed")  # which held-out cells: paired comparisons need it
         for stage in STAGES:
             for who in SCORED:
-                for metric in METRICS:
-                    value = run.metrics[stage].get(who, {}).get(metric)
+                scores = run.metrics[stage].get(who, {})
+                # The usual metrics always (NaN where absent), plus whatever else the run scored: the MCV judge
+                # (mcv_*), the synthetic truth (*_to_truth), masked entries, integration scores.
+                for metric in [*METRICS, *(m for m in scores if m not in METRICS)]:
+                    value = scores.get(metric)
                     row[f"{stage}/{who}/{metric}"] = float("nan") if value is None else float(value)
         rows.append(row)
     return pd.DataFrame(rows)
