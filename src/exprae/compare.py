@@ -91,6 +91,37 @@ class Verdict:
         """Whether the best beats the runner-up by more than the seed-to-seed spread (None: cannot tell)."""
         return None if self.runner_up is None else self.runner_up.exceeds_spread
 
+    def _status(self, *, short: bool) -> str:
+        """Whether the runner-up is clearly behind, in a clause (``short``: for a figure's headline)."""
+        second = self.runner_up
+        exceeds = None if second is None else second.exceeds_spread
+        if exceeds is None:
+            return "cannot tell (< 2 seeds)" if short else "cannot tell with fewer than 2 seeds per setting"
+        if exceeds:
+            return "exceeds the seed spread" if short else "**the difference exceeds the seed-to-seed spread**"
+        if second.pooled_sd > 0 and second.difference > 2 * second.pooled_sd:
+            # Several sd apart yet not significant: too few seeds to tell, which is not "within the spread".
+            n = min(self.best_n, second.n)
+            if short:
+                return f"no clear winner yet ({n} seeds)"
+            return (
+                f"larger than the seed-to-seed sd but not significant with {n} seeds (p ≥ {ALPHA:g}), "
+                "**no clear winner yet**; more seeds would tell"
+            )
+        return "no clear winner" if short else "within the seed-to-seed spread, **no clear winner**"
+
+    def headline(self) -> str:
+        """The verdict in one short line, for a figure: best, lead over the runner-up in units, and status."""
+        name = dict(TABLE_METRICS).get(self.metric, self.metric)
+        where = f"{self.panel}: " if self.panel else ""
+        second = self.runner_up
+        if second is None:
+            return f"{where}{self.stage} {name}: {self.best} (the only setting)"
+        return (
+            f"{where}{self.stage} {name}: {self.best} best, by {second.difference:.4f} over {second.setting}: "
+            f"{self._status(short=True)}"
+        )
+
     def sentence(self) -> str:
         """The verdict in plain words."""
         direction = "higher" if self.higher_is_better else "lower"
@@ -112,19 +143,7 @@ class Verdict:
             text += f" vs pooled seed-to-seed sd {second.pooled_sd:.2g}"
         if second.pooled_sd > 0:
             text += f" ({second.difference / second.pooled_sd:.1f} sd, Welch t-test p = {second.p_value:.2g})"
-        exceeds = second.exceeds_spread
-        if exceeds is None:
-            text += ": cannot tell with fewer than 2 seeds per setting."
-        elif exceeds:
-            text += ": **the difference exceeds the seed-to-seed spread**."
-        elif second.pooled_sd > 0 and second.difference > 2 * second.pooled_sd:
-            # Several sd apart yet not significant: too few seeds to tell, which is not "within the spread".
-            text += (
-                f": larger than the seed-to-seed sd but not significant with {min(self.best_n, second.n)} seeds "
-                f"(p ≥ {ALPHA:g}), **no clear winner yet**; more seeds would tell."
-            )
-        else:
-            text += ": within the seed-to-seed spread, **no clear winner**."
+        text += f": {self._status(short=False)}."
         tied = [g.setting for g in self.gaps if g.exceeds_spread is False]
         behind = [g.setting for g in self.gaps if g.exceeds_spread]
         if len(self.gaps) > 1 and (tied or behind):
@@ -348,7 +367,10 @@ def compare(
         from exprae.report import figures as sweep_plots
 
         curves = _curves(runs, table, keys)
-        files.append(sweep_plots.metrics_figure(table, summary, keys, path=sweep_dir / "metrics.png"))
+        headlines = [v.headline() for v in verdicts]
+        files.append(
+            sweep_plots.metrics_figure(table, summary, keys, path=sweep_dir / "metrics.png", verdict=headlines)
+        )
         if not curves.empty:
             files.append(sweep_plots.curves_figure(curves, summary, path=sweep_dir / "curves.png"))
         else:  # never leave an earlier report's curves next to this report's table

@@ -239,6 +239,10 @@ def test_verdict_separates_a_real_gap_from_seed_noise():
     assert few.exceeds_spread is False and few.runner_up.difference > 2 * few.runner_up.pooled_sd
     assert "not significant with 2 seeds (p ≥ 0.05), **no clear winner yet**" in few.sentence()
     assert "within the seed-to-seed spread" not in few.sentence()
+    assert few.headline() == (
+        f"test cosine: loss=mse best, by {few.runner_up.difference:.4f} over loss=cosine: no clear winner yet (2 seeds)"
+    )
+    assert two.headline().endswith(": exceeds the seed spread") and clear.headline().endswith(": no clear winner")
 
     single = decide(summarize(_table({"mse": [0.40], "cosine": [0.45]}), ["loss"]), metric="cosine")
     assert single.exceeds_spread is None and "cannot tell" in single.sentence()

@@ -72,7 +72,9 @@ def test_metrics_figure_with_two_settings_keeps_points_legend_and_span_apart():
     )
     for col in [c.rsplit("/", 1)[0] for c in summary.columns if c.endswith("/mean") and "/model/" in c]:
         table[col] = np.repeat(summary[f"{col}/mean"].to_numpy(), 2)
-    fig = metrics_plot(table, summary, ["loss"])
+    verdict = ["test cosine: loss=cosine best, by 0.0005 over loss=mse: no clear winner yet (2 seeds)"]
+    fig = metrics_plot(table, summary, ["loss"], verdict=verdict)
+    assert f"Verdict, {verdict[0]}" in [t.get_text() for t in fig.texts], "the verdict is not on the figure"
     panels = [a for a in fig.axes if a.get_title()]
     assert len(panels) == 6
     for ax in panels:

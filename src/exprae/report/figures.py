@@ -27,15 +27,19 @@ PANELS = (("cosine", "cosine ↑"), ("mse", "MSE ↓"), ("pearson", "Pearson r �
 CURVE_PANELS = (("val/cosine", "cosine", "val cosine ↑"), ("val/mse", "mse", "val MSE ↓"))
 
 
-def metrics_figure(table: pd.DataFrame, summary: pd.DataFrame, keys: Sequence[str], *, path: Path) -> Path:
+def metrics_figure(
+    table: pd.DataFrame, summary: pd.DataFrame, keys: Sequence[str], *, path: Path, verdict: Sequence[str] = ()
+) -> Path:
     """Val and test cosine / MSE / Pearson per setting: mean ± sd over seeds, seeds as dots, PCA as a bar."""
-    fig = metrics_plot(table, summary, keys)
+    fig = metrics_plot(table, summary, keys, verdict=verdict)
     fig.savefig(path, dpi=110)
     return path
 
 
-def metrics_plot(table: pd.DataFrame, summary: pd.DataFrame, keys: Sequence[str]) -> Figure:
-    """The figure of :func:`metrics_figure`, unsaved."""
+def metrics_plot(
+    table: pd.DataFrame, summary: pd.DataFrame, keys: Sequence[str], *, verdict: Sequence[str] = ()
+) -> Figure:
+    """The figure of :func:`metrics_figure`, unsaved; ``verdict`` lines (one per metric) go under the title."""
     settings = list(summary["setting"])
     x = np.arange(len(settings))
     run_setting = dict(zip(table["run"], setting_labels(table, keys), strict=True))
@@ -67,8 +71,11 @@ def metrics_plot(table: pd.DataFrame, summary: pd.DataFrame, keys: Sequence[str]
             ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.suptitle("Final metrics per setting (held-out cells)")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))  # the shared legend below the panels
+    top = 1.0 - 0.035 * len(verdict)
+    fig.suptitle("Final metrics per setting (held-out cells)", y=0.995)
+    for k, line in enumerate(verdict):  # the verdict travels with the figure, not only in summary.md
+        fig.text(0.5, 0.96 - 0.03 * k, "Verdict, " + line, ha="center", va="top", fontsize=9, color="0.15")
+    fig.tight_layout(rect=(0, 0.04, 1, top - 0.02 if verdict else 0.98))  # the shared legend below the panels
     return fig
 
 
