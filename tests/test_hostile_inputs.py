@@ -24,7 +24,7 @@ import torch
 
 from conftest import train_run
 from exprae import predict
-from exprae.data import ExpressionDataModule, split_cells
+from exprae.data import ExpressionDataModule, Preprocessing, split_cells
 from exprae.errors import ConfigError, DataError, OutputError, TrainingDivergedError
 from exprae.runs import rundir
 from exprae.train import format_report, train
@@ -317,6 +317,24 @@ def test_library_size_sums_the_training_genes_at_predict_time(tmp_path):
     with pytest.warns(UserWarning, match="normalising over the 40 present"):
         shifted = _latents(run, cut, allow_missing_genes=True)
     assert not np.allclose(shifted, reference, atol=1e-3)  # what the refusal protects against
+
+
+def test_the_library_gene_check_reads_the_data_genes_once():
+    """A 10x matrix has ~33,700 genes: looked up in a set built per gene, one predict spent ~10 minutes here."""
+    genes = [f"gene{i}" for i in range(2000)]
+    preprocess = Preprocessing(normalize_total=1e4, library_genes=genes)
+
+    class CountedNames(list):
+        reads = 0
+
+        def __iter__(self):
+            CountedNames.reads += 1
+            return super().__iter__()
+
+    with pytest.warns(UserWarning, match="normalising over the 1997 present"):
+        missing = preprocess.check_library_genes(CountedNames(genes[3:]), allow_missing=True, what="the data")
+    assert missing == genes[:3]
+    assert CountedNames.reads == 1, f"the data's gene names were read {CountedNames.reads} times"
 
 
 def test_predict_on_real_counts_cut_to_the_model_genes_is_refused(realdata, tmp_path, capsys):
