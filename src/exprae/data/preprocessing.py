@@ -187,10 +187,12 @@ def _highly_variable(adata: ad.AnnData, *, n_top_genes: int, flavor: str) -> lis
     """scanpy's highly variable genes, refusing data with nothing to rank (scanpy fails with an IndexError)."""
     import scanpy as sc
 
-    x = adata.X
-    mean = np.asarray(x.mean(axis=0)).ravel()
-    sq = np.asarray((x.multiply(x) if sp.issparse(x) else np.square(x)).mean(axis=0)).ravel()
-    varying = int(((sq - mean**2) > 1e-12 * np.maximum(sq, 1e-300)).sum())
+    # Exact, unlike a variance from float32 moments: log1p(normalised constant counts) came out as 100 of 100
+    # genes "varying" by rounding, and scanpy then failed with an IndexError.
+    lowest, highest = adata.X.min(axis=0), adata.X.max(axis=0)
+    if sp.issparse(lowest):
+        lowest, highest = lowest.toarray(), highest.toarray()
+    varying = int((np.asarray(highest) > np.asarray(lowest)).sum())
     if varying == 0:
         raise DataError(
             f"no gene varies across the {adata.n_obs} training cells (all-zero or constant data), so "
