@@ -151,11 +151,13 @@ def test_boolean_x_trains_as_zeros_and_ones(compose_cfg, tmp_path):
     assert math.isfinite(metrics["val"]["model"]["mse"])
 
 
-def test_x_none_names_the_layers_there_are(compose_cfg, tmp_path):
+@pytest.mark.parametrize("backed", ["false", "true"])  # one gate: streaming from disk says the same
+def test_x_none_names_the_layers_there_are(compose_cfg, tmp_path, backed):
     adata = counts()
     adata.layers["counts"] = adata.X.copy()
     adata.X = None
-    refused(compose_cfg(*COUNTS, f"data.path={write(adata, tmp_path)}"), DataError, "X is None", "['counts']")
+    cfg = compose_cfg(*COUNTS, f"data.path={write(adata, tmp_path)}", f"data.backed={backed}")
+    refused(cfg, DataError, "X is None", "['counts']")
 
 
 # 200 x 100 constant counts: after normalize_total and log1p, float32 moments made all 100 genes "vary".

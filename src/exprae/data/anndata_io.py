@@ -100,9 +100,7 @@ def as_numeric(x: Any, *, what: str, adata: ad.AnnData | None = None) -> np.ndar
     counts would be normalised in integer arithmetic by some code paths; float16 overflows at 65504.
     """
     if x is None:
-        layers = list(adata.layers) if adata is not None else []
-        hint = f"; choose one with data.layer=<name> (layers here: {layers})" if layers else " and it has no layers"
-        raise DataError(f"the AnnData's {what} is None (no matrix stored){hint}")
+        raise matrix_is_none(what, layers=list(adata.layers) if adata is not None else [])
     if not (sp.issparse(x) or isinstance(x, np.ndarray)):
         try:
             x = np.asarray(x)  # h5py datasets, matrices, array-likes
@@ -114,6 +112,12 @@ def as_numeric(x: Any, *, what: str, adata: ad.AnnData | None = None) -> np.ndar
     if kind in "biuf":
         return x.astype(np.float32)
     raise DataError(f"{what} holds values of dtype {x.dtype}, not numbers; expected a float or integer matrix")
+
+
+def matrix_is_none(what: str, *, layers: list[str]) -> DataError:
+    """The error for a chosen matrix that is not stored (``X`` None), naming the layers to choose instead."""
+    hint = f"; choose one with data.layer=<name> (layers here: {layers})" if layers else " and it has no layers"
+    return DataError(f"the AnnData's {what} is None (no matrix stored){hint}")
 
 
 def check_names(obs_names: pd.Index, var_names: pd.Index, *, what: str) -> None:

@@ -38,6 +38,7 @@ from exprae.constants import (
     TARGET_KEY,
     X_KEY,
 )
+from exprae.data.anndata_io import matrix_is_none
 from exprae.data.mcv import MoleculeSplit
 from exprae.data.preprocessing import Preprocessing
 from exprae.data.streaming_stats import fit_streaming
@@ -70,7 +71,10 @@ class BackedMatrix:
         self._elem: Any = None
         with h5py.File(self.path, "r") as f:
             if self.key not in f:
-                available = ["X", *(["raw"] if "raw" in f else []), *list(f.get("layers", {}).keys())]
+                layers = list(f.get("layers", {}).keys())
+                if self.key == "X":  # anndata stores no X when it is None: say so, as the in-memory path does
+                    raise matrix_is_none("X", layers=layers)
+                available = [*(["X"] if "X" in f else []), *(["raw"] if "raw" in f else []), *layers]
                 raise MissingKeyError(f"{self.key!r} not found in {self.path}; available matrices: {available}")
             node = f[self.key]
             encoding = node.attrs.get("encoding-type", "array")
