@@ -11,6 +11,8 @@ import importlib
 import json
 import math
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -23,12 +25,12 @@ import scipy.sparse as sp
 import torch
 
 from conftest import train_run
-from exprae import predict
+from exprae import compare, predict
 from exprae.data import ExpressionDataModule, Preprocessing, split_cells
 from exprae.errors import ConfigError, DataError, OutputError, TrainingDivergedError
 from exprae.runs import rundir
 from exprae.train import format_report, train
-from test_bad_input import SMALL, cli_refused, counts, refused, write
+from test_bad_input import SMALL, SRC, cli_refused, counts, refused, write
 
 COUNTS = ["data=h5ad", "data.preprocess.n_top_genes=null"]
 
@@ -97,6 +99,17 @@ def test_run_files_follow_the_umask(tmp_path, umask):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_predict_output_follows_the_umask(tmp_path, umask):
+    adata = ad.AnnData(X=np.ones((3, 2), dtype=np.float32))
+    old = os.umask(umask)
+    try:
+        out = predict.write_h5ad_atomic(adata, tmp_path / "out.h5ad", overwrite=False)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+
+
 def test_a_finite_explosion_stops_the_run(compose_cfg, tmp_path):
     cfg = compose_cfg(
         *COUNTS,
@@ -143,10 +156,19 @@ def test_the_report_warns_when_the_model_is_worse_than_the_mean_profile():
 # ---------------------------------------------------------------- raw tracebacks, now one paragraph
 
 
-def test_boolean_x_trains_as_zeros_and_ones(compose_cfg, tmp_path):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_boolean_x_trains_as_zeros_and_ones(compose_cfg, tmp_path, sparse):
     adata = counts()
-    adata.X = (adata.X > 1).astype(bool)
-    cfg = compose_cfg(*COUNTS, f"data.path={write(adata, tmp_path)}", "trainer.fast_dev_run=true", *SMALL)
+    x_bool = adata.X.toarray() > 1
+    adata.X = sp.csr_matrix(x_bool) if sparse else x_bool
+    path = write(adata, tmp_path)
+    as_is = ["data.preprocess.normalize_total=null", "data.preprocess.log1p=false"]
+    data = hydra.utils.instantiate(compose_cfg(*COUNTS, f"data.path={path}", *as_is).data)
+    data.setup("fit")
+    x = data.adata.X.toarray() if sp.issparse(data.adata.X) else data.adata.X
+    assert x.dtype == np.float32
+    np.testing.assert_array_equal(x, x_bool.astype(np.float32))
+    cfg = compose_cfg(*COUNTS, f"data.path={path}", "trainer.fast_dev_run=true", *SMALL)
     metrics = train(cfg)
     assert math.isfinite(metrics["val"]["model"]["mse"])
 
@@ -200,6 +222,28 @@ def test_settings_that_cannot_work_are_refused(compose_cfg, override, says):
 
 def test_a_value_of_the_wrong_type_leaves_no_run_directory(tmp_path):
     cli_refused(tmp_path, "data.batch_size=1.5", says=("data.batch_size=1.5 is not valid",))
+
+
+@pytest.mark.slow  # a real `exprae-train -m` (two jobs, each refused after reading pbmc68k)
+def test_failed_sweep_jobs_keep_their_directory_with_the_reason(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    env = {
+        **os.environ,
+        "EXPRAE_ROOT": str(tmp_path),
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    args = ["-m", "trainer.accelerator=cpu", "data.batch_size=1000,2000", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "exprae.train", *args], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    for job, size in (("0", 1000), ("1", 2000)):
+        reason = (sweep / job / rundir.ERROR_FILE).read_text()
+        assert reason.startswith(f"ConfigError: data.batch_size={size} is larger than the 560 training cells"), reason
+    # A single run refused the same way leaves nothing (test_bad_input); a sweep's job stays, so compare says why.
+    assert compare.main([str(sweep), "--no-plots"]) == 1  # no job finished: nothing to rank, but it says why
+    err = capsys.readouterr().err
+    assert "2 run(s), none finished" in err and "1: failed: ConfigError: data.batch_size=2000 is larger than" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU, so trainer=gpu is valid here")

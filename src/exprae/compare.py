@@ -346,6 +346,9 @@ def compare(
     table = metrics_table(runs)
     if table.empty:
         found = f"{len(runs)} run(s), none finished" if runs else "no Hydra runs (no .hydra/ folders)"
+        reasons = [f"{r.name}: {r.problem}" for r in failed if r.problem]
+        if reasons:  # a sweep whose every job failed says why, as the table of unscored runs would
+            found += f" ({'; '.join(reasons[:5])}{'; …' if len(reasons) > 5 else ''})"
         raise ValueError(f"nothing to compare in {sweep_dir}: {found}")
     keys = group_keys(table, runs, seed_key=seed_key)
     summary = summarize(table, keys)
