@@ -37,17 +37,15 @@ import pandas as pd
 import pytorch_lightning as pl
 import scipy.sparse as sp
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, Dataset
 
+from exprae import compose
 from exprae.constants import INDEX_KEY, TARGET_KEY, X_KEY
 from exprae.data import ExpressionDataModule
 from exprae.data.datasets import synthetic_counts_sparse
 from exprae.losses import cosine_similarity
 from exprae.nn.baselines import Baselines
-from exprae.train import CONFIG_DIR
 
 ALL_PATHS = ("exprae-graph", "exprae", "exprae-host", "exprae-model", "dataloader", "scvi")
 DEFAULT_PATHS = ("exprae-graph", "exprae", "exprae-host", "dataloader", "scvi")
@@ -206,15 +204,13 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def make_cfg(overrides: list[str]) -> Any:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    """The real configs, composed as exprae-train would (nothing is written: no logger, no checkpoints)."""
+    return compose(overrides)
 
 
 def make_datamodule(adata: Any, cfg: Any) -> ExpressionDataModule:
-    """The configured datamodule, reading the generated AnnData instead of a file."""
-    dm: ExpressionDataModule = instantiate(cfg.data)
-    dm.load_raw = lambda: adata  # the benchmark's data is generated in memory, not read from disk
+    """The configured datamodule, on the generated AnnData in memory instead of a file."""
+    dm: ExpressionDataModule = instantiate(cfg.data, dataset=None, path=None, in_memory=adata)
     dm.setup("fit")
     return dm
 
@@ -270,11 +266,12 @@ def run_exprae(path: str, dm: ExpressionDataModule, s: Setting, baselines: dict[
     cfg = make_cfg([*base_overrides(s), *EXPRAE_OVERRIDES[path]])
     pl.seed_everything(s.seed, workers=True)
     dm.on_device = cfg.data.on_device
-    dm._resident.clear()  # each path pays its own upload
+    dm.release_device_data()  # each path pays its own upload
     net = instantiate(cfg.model, n_genes=dm.n_genes)
     module = instantiate(
         cfg.module, net=net, loss=instantiate(cfg.loss), optimizer=instantiate(cfg.optimizer), scheduler=None
     )
+    module.attach_data(dm.training_data())
     # PCA baselines fitted once per data set and shared: what module.setup would compute, identically.
     module.baselines.load_state_dict(baselines)
     module.start_at_pca()
@@ -293,7 +290,7 @@ def run_exprae(path: str, dm: ExpressionDataModule, s: Setting, baselines: dict[
         trainer.fit(module, train_dataloaders=train_dl, val_dataloaders=val_dl)
     else:
         trainer.fit(module, datamodule=dm)
-    clock.resident_mb = sum(b.x.nbytes for b in dm._resident.values()) / 2**20
+    clock.resident_mb = dm.device_nbytes / 2**20
     return clock
 
 
@@ -389,7 +386,7 @@ def bench_one(path: str, adata: Any, dm: ExpressionDataModule, s: Setting, basel
     if warm_clock.train_s:
         cells = warm_clock.cells[-1]
         _RATES[(path, s.n_cells, s.n_genes, s.batch_size)] = cells / max(warm_clock.train_s[-1], 1e-9)
-    dm._resident.clear()  # the warm-up's upload must not count in the measured run's peak
+    dm.release_device_data()  # the warm-up's upload must not count in the measured run's peak
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

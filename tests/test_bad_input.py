@@ -28,7 +28,6 @@ from exprae.data.datasets import synthetic_counts
 from exprae.errors import ConfigError, DataError, DataFileNotFoundError, MissingKeyError
 from exprae.runs import rundir
 from exprae.train import build, train
-from exprae.training.config_checks import validation_metric_names
 
 SRC = Path(exprae.__file__).resolve().parents[1]
 # pbmc68k's X is already scaled (it has negative values): no count preprocessing, all 765 genes.
@@ -443,7 +442,7 @@ def test_monitorable_names_are_exactly_what_validation_logs(compose_cfg, overrid
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     logged = {k for k in trainer.callback_metrics if k.startswith("val/")}
-    assert logged == validation_metric_names(module, datamodule)
+    assert logged == module.metric_names("val")
 
 
 # ---------------------------------------------------------------- friction a new user meets on real counts

@@ -34,13 +34,7 @@ from exprae.scoring.heldout_quality import heldout_quality
 from exprae.scoring.metrics import PerBatchMetrics
 from exprae.scoring.pca_gain import gain_over_pca
 from exprae.training.build import build_module
-from exprae.training.config_checks import (
-    check_compile,
-    check_config,
-    check_monitors,
-    check_sizes,
-    validation_metric_names,
-)
+from exprae.training.config_checks import check_compile, check_config, check_monitors, check_sizes
 from exprae.training.console import (
     console_filter,
     emit,
@@ -107,7 +101,10 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
 
 
 def build(cfg: DictConfig) -> tuple[ExpressionDataModule, AutoencoderModule]:
-    """Instantiate the datamodule (set up, so the gene count is known) and the LightningModule from ``cfg``."""
+    """Instantiate the datamodule (set up, so the gene count is known) and the LightningModule from ``cfg``.
+
+    The module receives what it reads from the data as one object (``datamodule.training_data()``), here.
+    """
     loss = hydra.utils.instantiate(cfg.loss)
     # A count likelihood's target is raw counts, not the preprocessed input: the datamodule keeps them.
     datamodule: ExpressionDataModule = hydra.utils.instantiate(
@@ -122,6 +119,7 @@ def build(cfg: DictConfig) -> tuple[ExpressionDataModule, AutoencoderModule]:
         batch_levels=datamodule.covariates.categories[datamodule.batch_keys[0]] if datamodule.covariates else None,
         loss=loss,
     )
+    module.attach_data(datamodule.training_data())
     check_sizes(module.net, n_train=len(datamodule.splits["train"]))
     if module.aux_loss is not None and datamodule.label_key is None:
         raise ConfigError("an auxiliary latent loss needs labels: set aux.label_key=<obs column>, e.g. bulk_labels")
@@ -381,7 +379,7 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None, *, console: st
     monitors = {f"callbacks.{name}.monitor": c.get("monitor") for name, c in (cfg.get("callbacks") or {}).items() if c}
     if cfg.get("scheduler"):
         monitors["module.scheduler_monitor"] = module.scheduler_monitor
-    check_monitors(monitors, validation_metric_names(module, datamodule))
+    check_monitors(monitors, module.metric_names("val"))
 
     # Under DDP every rank runs this function; the run directory is written once, by global rank 0.
     if trainer.is_global_zero:
@@ -488,7 +486,7 @@ def _score_start(
     ModelCheckpoint only sees the weights after an epoch of training; where the first epoch already moves
     away from PCA's optimum (log-normalised pbmc68k), the start itself must be a candidate for "best".
     """
-    module.prepare_start(datamodule)
+    module.prepare_start()
     trainer.validate(module, datamodule=datamodule, verbose=False)
     score = float(trainer.callback_metrics[checkpoint.monitor])
     return {k: v.detach().clone() for k, v in module.state_dict().items()}, score

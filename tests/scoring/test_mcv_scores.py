@@ -16,7 +16,6 @@ from exprae.data.mcv import MoleculeSplit
 from exprae.data.preprocessing import Preprocessing
 from exprae.scoring.mcv import MCVScorer, poisson_nll
 from exprae.train import train
-from exprae.training.config_checks import validation_metric_names
 
 MCV = ["data.mcv.fraction=0.5", "data.mcv.seed=1"]
 SMALL = ["model.latent_dim=4", "model.hidden_dims=[32]", "logger=none", "data.synthetic.n_cells=400"]
@@ -120,10 +119,10 @@ def test_count_model_is_scored_and_mcv_can_judge_checkpoints(compose_cfg):
 def test_mcv_monitor_is_refused_without_a_molecule_split(compose_cfg):
     from exprae.train import build
 
-    datamodule, module = build(compose_cfg("data=synthetic_counts", *SMALL))
-    assert "val/mcv_mse" not in validation_metric_names(module, datamodule)
-    datamodule, module = build(compose_cfg("data=synthetic_counts", *MCV, *SMALL))
-    assert {"val/mcv_mse", "val/mcv_poisson"} <= validation_metric_names(module, datamodule)
+    _, module = build(compose_cfg("data=synthetic_counts", *SMALL))
+    assert "val/mcv_mse" not in module.metric_names("val")
+    _, module = build(compose_cfg("data=synthetic_counts", *MCV, *SMALL))
+    assert {"val/mcv_mse", "val/mcv_poisson"} <= module.metric_names("val")
 
 
 @pytest.mark.slow
@@ -152,4 +151,4 @@ def test_real_counts_experiment_composes_and_monitors_mcv(compose_cfg, tmp_path)
     assert cfg.callbacks.model_checkpoint.monitor == "val/mcv_mse" == cfg.callbacks.early_stopping.monitor
     datamodule, module = build(cfg)
     assert datamodule.mcv.enabled and datamodule.n_genes == 50
-    assert cfg.callbacks.model_checkpoint.monitor in validation_metric_names(module, datamodule)
+    assert cfg.callbacks.model_checkpoint.monitor in module.metric_names("val")

@@ -30,7 +30,7 @@ def test_start_is_exactly_the_per_batch_pca_and_plain_pca_without_encoder_covari
         dm, module = build(
             compose_cfg("data.batch_key=phase", "model.latent_dim=8", f"model.encode_covariates={encode}")
         )
-        module.prepare_start(dm)
+        module.prepare_start()  # build() handed it the training data
         module.eval()
         batch = next(iter(dm.val_dataloader()))
         with torch.no_grad():

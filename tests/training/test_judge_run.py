@@ -50,7 +50,7 @@ def test_run_scores_every_baseline_and_its_gain_over_pca(compose_cfg):
 
 def test_knn_baseline_only_holds_training_cells(compose_cfg):
     datamodule, module = build(compose_cfg("module.baselines=[knn]", "model.latent_dim=8"))
-    module.prepare_start(datamodule)
+    module.prepare_start()  # build() handed it the training data
     held = np.asarray(datamodule.adata.X[datamodule.splits["val"]])
     train_x = module.extra_baselines.parts["knn"].train_x_mg.numpy()
     assert len(train_x) == len(datamodule.splits["train"])

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from exprae.constants import (
+    LIBRARY_KEY,
     MCV_COUNTS_KEY,
     MCV_TARGET_KEY,
     TARGET_KEY,
@@ -43,12 +44,13 @@ from exprae.data.backed import (
 from exprae.data.batching import CellBatchSampler, CellDataset, batch_loader
 from exprae.data.covariates import Covariates, batch_keys, encode
 from exprae.data.datasets import load_builtin
+from exprae.data.device import DeviceBatches, check_on_device, resident_nbytes, use_device_path
 from exprae.data.mcv import MoleculeSplit
 from exprae.data.preprocessing import Preprocessing
 from exprae.data.split import split_cells
+from exprae.data.training_data import TrainingData
 from exprae.errors import ConfigError, DataError, MissingKeyError
 
-SPLITS = ("train", "val", "test")
 # Where the datamodule keeps a separate target (gene-subset, per split by slicing) and its per-cell scalars.
 TARGET_LAYER = "exprae_target"
 LIBRARY_OBS = "exprae_library_size"
@@ -65,8 +67,10 @@ class ExpressionDataModule(pl.LightningDataModule):
     """Loads an ``.h5ad`` (or a built-in dataset), preprocesses, splits by cells, and serves dict batches.
 
     The preprocessing's learned state (genes kept, scaling statistics) is fitted on the training cells
-    only. ``contract()`` and ``split_table()`` describe the data for the run directory, so the model can
-    later be applied to new data exactly as it was trained.
+    only. ``training_data()`` is everything the LightningModule reads from the data, as one object.
+    ``contract()`` and ``split_table()`` describe the data for the run directory, so the model can later be
+    applied to new data exactly as it was trained. ``in_memory`` takes an AnnData from Python (a notebook, a
+    benchmark) in place of ``path``/``dataset``; it is read as is and never written.
     """
 
     def __init__(
@@ -94,18 +98,25 @@ class ExpressionDataModule(pl.LightningDataModule):
         chunk_size: int = 1024,
         buffer_chunks: int = 8,
         mcv: MoleculeSplit | dict | None = None,
+        in_memory: ad.AnnData | None = None,
     ) -> None:
         super().__init__()
-        if dataset is not None and path is not None:
+        if in_memory is not None and (dataset is not None or path is not None or backed):
+            raise ConfigError(
+                f"in_memory= is the data itself: pass it with dataset=None, path=None and backed=False (got "
+                f"dataset={dataset!r}, path={path!r}, backed={backed!r})"
+            )
+        if in_memory is None and dataset is not None and path is not None:
             raise ConfigError(
                 f"data.path={path!r} is set, but the data config is the built-in dataset data.dataset={dataset!r}: "
                 f"train on your file with `exprae-train data=h5ad data.path={path}` (raw counts: normalize_total "
                 "1e4, log1p, 2,000 highly variable genes), or add data.dataset=null to keep this data config's "
                 "preprocessing"
             )
-        if dataset is None and path is None:
+        if in_memory is None and dataset is None and path is None:
             raise ConfigError("set data.path to an .h5ad file (exprae-train data=h5ad data.path=my.h5ad)")
         self.dataset, self.path, self.layer = dataset, path, layer
+        self.in_memory = in_memory
         # target_layer: the matrix the loss is fitted to (X, raw or a layer); None: the input itself.
         # count_target (set from the loss by exprae.train.build): the target is raw counts, not preprocessed.
         self.target_layer, self.count_target = target_layer, bool(count_target)
@@ -127,8 +138,6 @@ class ExpressionDataModule(pl.LightningDataModule):
         self.covariates: Covariates | None = None
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.synthetic = dict(synthetic or {})
-        from exprae.data.device import check_on_device
-
         self.on_device = check_on_device(on_device)  # train/val batches made on the device: see device_data
         self._resident: dict[tuple[str, str], Any] = {}  # (split, device) -> DeviceBatches, uploaded once
         # data.backed: the matrix stays on disk and is streamed (exprae.data.backed); obs is still in memory.
@@ -142,6 +151,9 @@ class ExpressionDataModule(pl.LightningDataModule):
 
     @property
     def source(self) -> str:
+        """Where the data came from, as messages and the run's contract name it."""
+        if self.in_memory is not None:
+            return f"in-memory AnnData ({self.in_memory.n_obs} cells x {self.in_memory.n_vars} genes)"
         return str(Path(self.path).expanduser()) if self.path is not None else f"builtin:{self.dataset}"
 
     @property
@@ -151,6 +163,8 @@ class ExpressionDataModule(pl.LightningDataModule):
 
     def load_raw(self) -> ad.AnnData:
         """The AnnData as the user has it, before matrix selection and preprocessing."""
+        if self.in_memory is not None:
+            return self.in_memory
         if self.path is not None:
             return read_h5ad(self.path)
         return load_builtin(self.dataset, **self.synthetic)
@@ -464,8 +478,6 @@ class ExpressionDataModule(pl.LightningDataModule):
             pad=shuffle,
         )
         if resident and not data.scored:  # MCV's held-out layers are served from the host (val/test are small)
-            from exprae.data.device import DeviceBatches, resident_nbytes, use_device_path
-
             trainer = getattr(self, "trainer", None)
             device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
             if use_device_path(self.on_device, device=device, nbytes=resident_nbytes(data)):
@@ -502,6 +514,16 @@ class ExpressionDataModule(pl.LightningDataModule):
             dataset, sampler, batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=self.pin_memory
         )
 
+    def release_device_data(self) -> None:
+        """Drop the splits held on an accelerator (``data.on_device``); the next loader uploads them again."""
+        self._resident.clear()
+
+    @property
+    def device_nbytes(self) -> int:
+        """Bytes of the matrices (input, target, truth) held on an accelerator so far; 0 on the host path."""
+        held = (m for b in self._resident.values() for m in (b.x, b.target, b.truth) if m is not None)
+        return sum(int(m.nbytes) for m in held)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True, resident=True)
 
@@ -510,6 +532,30 @@ class ExpressionDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    # -- what the module reads
+
+    def training_data(self) -> TrainingData:
+        """What the LightningModule needs from this data, as one object (:mod:`exprae.data.training_data`)."""
+        self._require_setup()
+        mean_log_library = None
+        if LIBRARY_OBS in self.adata.obs:  # count targets: computed as the module always did, in float32
+            library_n = self.split_dataset("train").per_cell[LIBRARY_KEY]
+            mean_log_library = float(library_n.clamp_min(1.0).log().mean())
+        true = self.adata.var.get("true_dispersion")
+        obs_names = np.asarray(self.adata.obs_names)
+        return TrainingData(
+            n_genes=self.n_genes,
+            train_chunks=self.train_chunks,
+            preprocess=self.preprocess,
+            train_labels=self.train_labels,
+            mean_log_library=mean_log_library,
+            true_dispersion_g=None if true is None else true.to_numpy(dtype=np.float64),
+            mcv=self.mcv if self.mcv.enabled else None,
+            has_labels=self.label_key is not None,
+            has_truth=TRUTH_KEY in self.adata.layers,
+            split_obs_names={split: obs_names[rows] for split, rows in self.splits.items()},
+        )
 
     # -- what the run directory records
 

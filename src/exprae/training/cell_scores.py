@@ -128,7 +128,10 @@ class CellScores(Callback):
     def table(self, trainer: pl.Trainer) -> pd.DataFrame:
         """One row per scored cell (all ranks), ordered by split then cell position."""
         frames = []
-        datamodule = trainer.datamodule
+        data = trainer.lightning_module.data  # the data's hand-off (module.attach_data)
+        if data is None:
+            raise RuntimeError("CellScores names cells from the module's data: call module.attach_data() first")
+        obs_names = data.split_obs_names
         for stage, rows in self._rows.items():
             gathered = _gather(trainer, rows)
             if not gathered:
@@ -136,7 +139,7 @@ class CellScores(Callback):
             columns = {k: np.concatenate([r[k] for r in gathered]) for k in gathered[0]}
             index = columns.pop("index")
             frame = pd.DataFrame(columns).assign(_pos=index).drop_duplicates("_pos").sort_values("_pos")
-            names = np.asarray(datamodule.adata.obs_names)[datamodule.splits[stage][frame.pop("_pos").to_numpy()]]
+            names = obs_names[stage][frame.pop("_pos").to_numpy()]
             frames.append(frame.assign(obs_name=names, split=stage))
         if not frames:
             return pd.DataFrame()

@@ -18,7 +18,6 @@ from typing import Any, Literal
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from exprae.constants import EXTRA_SCORES, MCV_COUNT_SCORE, METRIC_NAMES, TRUTH_KEY
 from exprae.errors import ConfigError
 
 _HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
@@ -187,31 +186,11 @@ def check_sizes(net: Any, *, n_train: int) -> None:
         )
 
 
-def validation_metric_names(module: Any, datamodule: Any) -> set[str]:
-    """The ``val/...`` keys this module will log on this data (what a checkpoint or scheduler can monitor)."""
-    names = set(METRIC_NAMES)
-    extra = set()
-    if getattr(module, "count_loss", False):
-        extra |= {"nll", "dispersion_pearson", "dispersion_spearman"}
-    if getattr(datamodule, "label_key", None) is not None:
-        extra.add("knn_accuracy")
-    if getattr(datamodule, "batch_keys", ()):
-        extra.add("ilisi")  # the integration scores of held-out latents (exprae.scoring.integration)
-        if getattr(datamodule, "label_key", None) is not None:
-            extra |= {"clisi", "silhouette_label", "silhouette_batch"}
-    if getattr(module, "mask_fraction", 0.0) > 0:
-        extra |= {EXTRA_SCORES["masked"].format(n) for n in names if n != "loss"}
-    split = getattr(datamodule, "mcv", None)
-    if split is not None and split.enabled:
-        extra |= {EXTRA_SCORES["mcv"].format(n) for n in names if n != "loss"} | {MCV_COUNT_SCORE}
-    adata = getattr(datamodule, "adata", None)
-    if adata is not None and TRUTH_KEY in adata.layers:
-        extra |= {EXTRA_SCORES["truth"].format(n) for n in names if n != "loss"}
-    return {f"val/{n}" for n in names | extra}
-
-
 def check_monitors(monitors: dict[str, str | None], known: set[str]) -> None:
-    """Refuse a ``val/...`` monitor that will never be logged, before anything is written (a typo, usually)."""
+    """Refuse a ``val/...`` monitor that will never be logged, before anything is written (a typo, usually).
+
+    ``known`` is the module's own list of what it logs (:meth:`exprae.training.AutoencoderModule.metric_names`).
+    """
     for setting, monitor in monitors.items():
         if monitor and monitor.startswith("val/") and monitor not in known:
             raise ConfigError(

@@ -15,15 +15,16 @@ from exprae.constants import (
     EXTRA_SCORES,
     INDEX_KEY,
     LABEL_KEY,
-    LIBRARY_KEY,
     MCV_COUNT_SCORE,
     MCV_COUNTS_KEY,
     MCV_TARGET_KEY,
+    METRIC_NAMES,
     SIZE_FACTOR_KEY,
     TARGET_KEY,
     TRUTH_KEY,
     X_KEY,
 )
+from exprae.data.training_data import TrainingData
 from exprae.errors import ConfigError
 from exprae.losses import CountNLL, ReconstructionLoss, cosine_similarity, reduce_per_cell
 from exprae.nn import AutoEncoder
@@ -169,7 +170,8 @@ class AutoencoderModule(pl.LightningModule):
             raise ValueError(f"{len(self.batch_levels)} batch_levels for a network with {n_batches} batch levels")
         if n_batches:  # next to the mean profile and PCA, their per-batch variants
             self.scored += tuple(BATCH_SCORED[who] for who in ("mean", "pca") if who in self.scored)
-        self.mcv: MCVScorer | None = None  # set at setup when the data has a molecule split (data.mcv)
+        self.mcv: MCVScorer | None = None  # set by attach_data when the data has a molecule split (data.mcv)
+        self.data: TrainingData | None = None  # the data's hand-off (attach_data); None when only predicting
         # Baselines are needed for the PCA start even when they are not reported.
         self.baselines = Baselines(net.n_genes, net.latent_dim, n_batches=n_batches)
         self.extra_baselines = ExtraBaselines(net.n_genes, net.latent_dim, self.scored, knn_k=knn_smoothing_k)
@@ -189,17 +191,21 @@ class AutoencoderModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ set-up
 
+    def attach_data(self, data: TrainingData) -> None:
+        """Receive what the module needs from the data (``exprae.train.build`` hands it over before fitting).
+
+        With a molecule split (data.mcv) validation and test cells are also scored against the held-out
+        molecules x''.
+        """
+        if data.n_genes != self.net.n_genes:
+            raise ValueError(f"the data has {data.n_genes} genes but the network reads {self.net.n_genes}")
+        self.data = data
+        self.mcv = None if data.mcv is None else MCVScorer(data.mcv, data.preprocess)
+
     def setup(self, stage: str) -> None:
         """Fit the baselines on the training cells (and start the network at PCA) before the first fit."""
         if stage == "fit" and not bool(self.baselines.fitted):
-            self.prepare_start(self.trainer.datamodule)
-        self.use_molecule_split(self.trainer.datamodule)
-
-    def use_molecule_split(self, datamodule: Any) -> None:
-        """Score against the held-out molecules x'' when the data has a molecule split (data.mcv)."""
-        split = getattr(datamodule, "mcv", None)
-        if split is not None and split.enabled:
-            self.mcv = MCVScorer(split, datamodule.preprocess)
+            self.prepare_start()
 
     def start_at_pca(self) -> None:
         """Set the network's linear path (and residual units) from the fitted PCA baseline.
@@ -215,23 +221,29 @@ class AutoencoderModule(pl.LightningModule):
             return
         self.net.init_from_pca(b.mean_g, b.components_kg, variance_g=b.variance_g)
 
-    def prepare_start(self, datamodule: Any) -> None:
+    def prepare_start(self) -> None:
         """Fit the baselines on the training cells; with ``init="pca"`` the network then starts at PCA."""
+        data = self.data
+        if data is None:
+            raise RuntimeError(
+                "the module has no training data: call module.attach_data(datamodule.training_data()) before "
+                "fitting (exprae.train.build does)"
+            )
         # With a batch covariate the chunks carry batch codes, for the per-batch baselines and start.
-        self.baselines.fit(datamodule.train_chunks(with_batches=True))
+        self.baselines.fit(data.train_chunks(with_batches=True))
         if self.extra_baselines.names:
-            labels_n = datamodule.train_labels() if "centroid" in self.extra_baselines.names else None
-            self.extra_baselines.fit(datamodule.train_chunks, pca=self.baselines, labels_n=labels_n)
+            labels_n = data.train_labels() if "centroid" in self.extra_baselines.names else None
+            self.extra_baselines.fit(data.train_chunks, pca=self.baselines, labels_n=labels_n)
         if self.mask_fraction > 0:
-            self.masker.fit(datamodule.preprocess, mean_g=self.baselines.mean_g)
+            self.masker.fit(data.preprocess, mean_g=self.baselines.mean_g)
         if self.net.init == "pca":
             self.start_at_pca()
         # Where training starts (PCA or the random draw), to report how far it moved (exprae.scoring.pca_gain).
         self.start_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         if self.count_loss:
-            self.input_view.fit(datamodule.preprocess)
-            library_n = datamodule.split_dataset("train").per_cell[LIBRARY_KEY]
-            self.net.count_head.init_library(library_n.clamp_min(1.0).log().mean())
+            self.input_view.fit(data.preprocess)
+            if data.mean_log_library is not None:
+                self.net.count_head.init_library(data.mean_log_library)
 
     def configure_optimizers(self) -> Any:
         graph = self.compile_mode == "graph"
@@ -325,7 +337,7 @@ class AutoencoderModule(pl.LightningModule):
             kept["label"] = batch[LABEL_KEY].cpu()
         self._mixing[stage].append(kept)
 
-    def _log_integration(self, stage: str) -> None:
+    def _log_integration(self, stage: str, names: set[str] | None) -> None:
         """Log the scIB integration scores of the held-out latents (model, PCA, per-batch PCA)."""
         parts = self._mixing[stage]
         if not parts:
@@ -341,7 +353,8 @@ class AutoencoderModule(pl.LightningModule):
             scores = integration_scores(kept[who][rows], kept["batch"][rows], labels, k=self.integration_k)
             prefix = f"{stage}/" if who == "model" else f"baseline/{who}/{stage}/"
             for name, value in scores.items():
-                self.log(prefix + name, float(value), sync_dist=True)  # per-shard under DDP: mean over ranks
+                # Per-shard under DDP: the mean over ranks.
+                self._log_checked(prefix + name, float(value), names if who == "model" else None, sync_dist=True)
 
     def eval_target(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """What reconstructions are scored against: the target, or the input for count likelihoods."""
@@ -463,7 +476,43 @@ class AutoencoderModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ epoch ends
 
+    def metric_names(self, stage: str = "val") -> set[str]:
+        """Every ``{stage}/...`` key the model's scores can be logged under, on the attached data.
+
+        The one list of them: the epoch-end logging refuses a model key missing here, and the check of
+        ``callbacks.*.monitor`` and ``module.scheduler_monitor`` (``exprae.train``) reads it. A batch level
+        without cells in the stage, or too few cells for the integration scores, leaves its keys out of the logs.
+        """
+        names = set(METRIC_NAMES)
+        per_cell = names - {"loss"}
+        labels = self.data is not None and self.data.has_labels
+        if self.count_loss:
+            names.add("nll")
+        if self._true_log_dispersion() is not None:
+            names |= {"dispersion_pearson", "dispersion_spearman"}
+        if self.data is not None and self.data.has_truth:
+            names |= {EXTRA_SCORES["truth"].format(n) for n in per_cell}
+        if self.mask_fraction > 0:
+            names |= {EXTRA_SCORES["masked"].format(n) for n in per_cell}
+        if self.mcv is not None:
+            names |= {EXTRA_SCORES["mcv"].format(n) for n in per_cell} | {MCV_COUNT_SCORE}
+        if labels:
+            names.add("knn_accuracy")
+        if self.batch_metrics:  # a batch covariate: per-level scores and the integration scores of the latents
+            names |= {f"batch/{level_key(level)}/{n}" for level in self.batch_levels for n in PerBatchMetrics.NAMES}
+            names |= {"ilisi", "clisi", "silhouette_label", "silhouette_batch"} if labels else {"ilisi"}
+        return {f"{stage}/{name}" for name in names}
+
+    def _log_checked(self, key: str, value: Any, names: set[str] | None, **kwargs: Any) -> None:
+        """``self.log``, refusing a model key that :meth:`metric_names` does not list (None: nothing to check)."""
+        if names is not None and key not in names:
+            # A bug, not a user error: the monitor check reads metric_names and would refuse a monitor on this key.
+            raise RuntimeError(f"{key} is logged but missing from AutoencoderModule.metric_names(); add it there")
+        self.log(key, value, **kwargs)
+
     def _log_eval(self, stage: str) -> None:
+        # Checked where the data was attached (exprae.train.build); a module without it has nothing to check against.
+        names = self.metric_names(stage) if self.data is not None else None
         for who in self.scored:
             metric = self.metrics[f"{stage}_{who}"]
             if who != "model" and metric.update_count == 0:
@@ -483,19 +532,21 @@ class AutoencoderModule(pl.LightningModule):
                         # Only MCV passes a per-cell score in the loss slot: the Poisson NLL of x''.
                         values[MCV_COUNT_SCORE if k == "loss" else pattern.format(k)] = v
                 scored.reset()
+            checked = names if who == "model" else None
             for name, value in values.items():
                 show = who == "model" and name in ("loss", "cosine")
-                self.log(prefix + name, value, prog_bar=show, sync_dist=True, reduce_fx="max")
+                self._log_checked(prefix + name, value, checked, prog_bar=show, sync_dist=True, reduce_fx="max")
             metric.reset()
-            self._log_per_batch(stage, who, prefix)
+            self._log_per_batch(stage, who, prefix, checked)
         if self._latents[stage]:
             z_nk, labels_n = (torch.cat(parts) for parts in zip(*self._latents[stage], strict=True))
             accuracy = knn_label_accuracy(z_nk, labels_n, k=self.knn_k)
-            self.log(f"{stage}/knn_accuracy", accuracy, sync_dist=True)  # per-shard under DDP: mean over ranks
+            # Per-shard under DDP: the mean over ranks.
+            self._log_checked(f"{stage}/knn_accuracy", accuracy, names, sync_dist=True)
             self._latents[stage].clear()
-        self._log_integration(stage)
+        self._log_integration(stage, names)
 
-    def _log_per_batch(self, stage: str, who: str, prefix: str) -> None:
+    def _log_per_batch(self, stage: str, who: str, prefix: str, names: set[str] | None) -> None:
         """Log cosine, Pearson and MSE per batch level (levels without cells in this stage are left out)."""
         metric = self.batch_metrics[f"{stage}_{who}"] if self.batch_metrics else None
         if metric is None or metric.update_count == 0:
@@ -505,19 +556,22 @@ class AutoencoderModule(pl.LightningModule):
             if values["n_cells"][code] > 0:
                 for name in PerBatchMetrics.NAMES:
                     key = f"{prefix}batch/{level_key(level)}/{name}"
-                    self.log(key, values[name][code], sync_dist=True, reduce_fx="max")
+                    self._log_checked(key, values[name][code], names, sync_dist=True, reduce_fx="max")
         metric.reset()
+
+    def _true_log_dispersion(self) -> torch.Tensor | None:
+        """The data's true per-gene log dispersions where the model learns per-gene ones to compare; else None."""
+        head = self.net.count_head if self.count_loss else None
+        if head is None or head.log_theta_g is None or self.data is None or self.data.true_dispersion_g is None:
+            return None
+        return torch.as_tensor(self.data.true_dispersion_g).log()
 
     def _dispersion_agreement(self) -> dict[str, torch.Tensor]:
         """Pearson and Spearman r of learned vs true per-gene log dispersions, where the data knows the truth."""
-        head = self.net.count_head if self.count_loss else None
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if head is None or head.log_theta_g is None or datamodule is None or datamodule.adata is None:
+        true_log_theta_g = self._true_log_dispersion()
+        if true_log_theta_g is None:
             return {}
-        true = datamodule.adata.var.get("true_dispersion")
-        if true is None:
-            return {}
-        return dispersion_agreement(head.log_theta_g.detach(), torch.as_tensor(true.to_numpy()).log())
+        return dispersion_agreement(self.net.count_head.log_theta_g.detach(), true_log_theta_g)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
