@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 OVERRIDES_FILE = ".hydra/overrides.yaml"  # the job's own overrides, e.g. ["loss=mse", "seed=0"]
 STAGES = ("val", "test")
 SCORED = ("model", "mean", "pca")  # the model and the two baselines, as in metrics.json
-METRICS = METRIC_NAMES
 CURVE_TAGS = ("val/cosine", "val/mse")
 
 
@@ -117,7 +116,7 @@ def metrics_table(runs: list[Run]) -> pd.DataFrame:
                 scores = run.metrics[stage].get(who, {})
                 # The usual metrics always (NaN where absent), plus whatever else the run scored: the MCV judge
                 # (mcv_*), the synthetic truth (*_to_truth), masked entries, integration scores.
-                for metric in [*METRICS, *(m for m in scores if m not in METRICS)]:
+                for metric in [*METRIC_NAMES, *(m for m in scores if m not in METRIC_NAMES)]:
                     value = scores.get(metric)
                     row[f"{stage}/{who}/{metric}"] = float("nan") if value is None else float(value)
         rows.append(row)

@@ -12,7 +12,6 @@ from exprae.runs import rundir
 from exprae.runs.checkpoint import CHECKPOINT_DIR, read_checkpoint
 
 LAST = "last"  # ckpt_path=last: <run dir>/checkpoints/last.ckpt
-load_checkpoint = read_checkpoint  # its name before exprae.runs.checkpoint became the one reader
 
 
 def resolve_ckpt_path(ckpt_path: str | Path | None, out_dir: str | Path) -> str | None:

@@ -96,44 +96,29 @@ class ReconstructionMetrics(Metric):
 
 
 def knn_label_accuracy(
-    z_nk: torch.Tensor,
-    labels_n: torch.Tensor,
-    z_ref_mk: torch.Tensor | None = None,
-    labels_ref_m: torch.Tensor | None = None,
-    *,
-    k: int = 15,
-    chunk_size: int = 1024,
+    z_nk: torch.Tensor, labels_n: torch.Tensor, *, k: int = 15, chunk_size: int = 1024
 ) -> torch.Tensor:
-    """Fraction of labelled cells whose label is the majority among their ``k`` cosine-nearest neighbours.
+    """Leave-one-out fraction of labelled cells whose label is the majority among their ``k`` cosine-nearest others.
 
-    Without a reference set it is leave-one-out within ``z_nk`` (a cell is never its own neighbour);
-    otherwise the neighbours are taken from ``z_ref_mk``. Ties between labels go to the label with the
-    larger summed cosine. Cells with a negative label (unlabelled) are neither scored nor neighbours.
-    Returns NaN when no cell can be scored.
+    A cell is never its own neighbour. Ties between labels go to the label with the larger summed cosine.
+    Cells with a negative label (unlabelled) are neither scored nor neighbours. Returns NaN when no cell can
+    be scored.
     """
     if k < 1:
         raise ValueError(f"k must be a positive number of neighbours, got {k}")
-    leave_one_out = z_ref_mk is None
-    if leave_one_out:
-        z_ref_mk, labels_ref_m = z_nk, labels_n
-    elif labels_ref_m is None:
-        raise ValueError("labels_ref_m is required with z_ref_mk")
-    query = labels_n >= 0
-    ref = labels_ref_m >= 0
-    z_q, y_q = z_nk[query], labels_n[query].long()
-    z_r, y_r = z_ref_mk[ref], labels_ref_m[ref].long()
-    k = min(k, len(y_r) - int(leave_one_out))
+    labelled = labels_n >= 0
+    z_q, y_q = z_nk[labelled], labels_n[labelled].long()
+    k = min(k, len(y_q) - 1)
     if len(y_q) == 0 or k < 1:
         return torch.tensor(float("nan"))
-    n_labels = int(torch.cat([y_q, y_r]).max()) + 1
+    n_labels = int(y_q.max()) + 1
     correct = 0
     for start in range(0, len(y_q), chunk_size):
-        s_cr = cosine_similarity_matrix(z_q[start : start + chunk_size], z_r)
-        if leave_one_out:
-            rows = torch.arange(s_cr.shape[0], device=s_cr.device)
-            s_cr[rows, rows + start] = -torch.inf
+        s_cr = cosine_similarity_matrix(z_q[start : start + chunk_size], z_q)
+        rows = torch.arange(s_cr.shape[0], device=s_cr.device)
+        s_cr[rows, rows + start] = -torch.inf
         sim_ck, idx_ck = s_cr.topk(k, dim=1)
-        onehot_ckl = torch.nn.functional.one_hot(y_r[idx_ck], n_labels).to(sim_ck.dtype)
+        onehot_ckl = torch.nn.functional.one_hot(y_q[idx_ck], n_labels).to(sim_ck.dtype)
         votes_cl = onehot_ckl.sum(dim=1)
         # Summed cosines lie in [-k, k]; scaled into (-1/2, 1/2) they break ties without outvoting a count.
         votes_cl = votes_cl + (onehot_ckl * sim_ck[..., None]).sum(dim=1) / (2 * k + 1)
