@@ -380,7 +380,7 @@ def compare(
             (sweep_dir / "curves.png").unlink(missing_ok=True)
     figures = [p.name for p in files if p.suffix == ".png"]
     markdown = _markdown(sweep_dir, summary, keys, verdicts, failed, stage=stage, figures=figures)
-    markdown = "\n".join([markdown, *mcv_latent.markdown_section(summary, keys, stage=stage)])
+    markdown = "\n".join([markdown, *mcv_latent.markdown_section(summary, keys, stage=stage, decide=decide)])
     files.insert(2, rundir.write_text_atomic(sweep_dir / "summary.md", markdown + "\n"))
     report = Report(sweep_dir, keys, table, summary, failed, verdicts, markdown, files)
     html_path = rundir.write_text_atomic(sweep_dir / "report.html", sweep_html(report, stage=stage, figures=figures))

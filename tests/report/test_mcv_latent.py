@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from exprae.compare import summarize
+from exprae.compare import decide, summarize
 from exprae.report.mcv_latent import latent_verdicts, markdown_section, pca_best_latent
 
 # mcv_mse per (loss, latent), three seeds each: mse is clearly best at 16; nb's best (32) leads 16 by noise only.
@@ -40,13 +40,13 @@ def table() -> pd.DataFrame:
 
 def test_best_latent_per_loss_and_whether_it_exceeds_the_seed_spread():
     keys = ["loss", "model.latent_dim"]
-    verdicts = {v.panel: v for v in latent_verdicts(summarize(table(), keys), keys, stage="test")}
+    verdicts = {v.panel: v for v in latent_verdicts(summarize(table(), keys), keys, stage="test", decide=decide)}
     mse, nb = verdicts["loss=mse"], verdicts["loss=nb"]
     assert mse.best == "model.latent_dim=16" and mse.exceeds_spread is True
     assert mse.runner_up.setting == "model.latent_dim=32"
     assert nb.best == "model.latent_dim=32" and nb.exceeds_spread is False
     assert pca_best_latent(summarize(table(), keys), stage="test") == ("16", pytest.approx(0.092))
-    text = "\n".join(markdown_section(summarize(table(), keys), keys, stage="test"))
+    text = "\n".join(markdown_section(summarize(table(), keys), keys, stage="test", decide=decide))
     assert "| loss=mse | 16 | 0.0900 ± 0.0005 | 32 | 0.0950 ± 0.0010 | yes |" in text
     assert "| loss=nb | 32 |" in text and "| no |" in text
     assert "PCA on the same cells is best by MCV at 16 components" in text
@@ -55,6 +55,6 @@ def test_best_latent_per_loss_and_whether_it_exceeds_the_seed_spread():
 def test_no_section_without_mcv_scores_or_a_latent_sweep():
     keys = ["loss", "model.latent_dim"]
     no_mcv = table().drop(columns=["test/model/mcv_mse", "test/pca/mcv_mse"]).assign(**{"test/model/mse": 0.1})
-    assert markdown_section(summarize(no_mcv, keys), keys, stage="test") == []
+    assert markdown_section(summarize(no_mcv, keys), keys, stage="test", decide=decide) == []
     one_latent = table()[table()["model.latent_dim"] == 16]
-    assert markdown_section(summarize(one_latent, ["loss"]), ["loss"], stage="test") == []
+    assert markdown_section(summarize(one_latent, ["loss"]), ["loss"], stage="test", decide=decide) == []

@@ -4,11 +4,15 @@ With a molecule split (``data.mcv.fraction=0.5``) every run is scored against he
 expected score is minimised by the true expression (docs/mcv.md). Over a sweep of ``model.latent_dim`` the
 size with the lowest ``mcv_mse`` is therefore the one that denoises best, and the seed-to-seed spread says
 whether its lead is real. PCA gets the same question from its baseline rows.
+
+The ranking itself is ``exprae-compare``'s (``decide``, passed in): this module answers one question with it,
+and importing the entry point back from here would be an import cycle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -16,10 +20,11 @@ LATENT_KEY = "model.latent_dim"
 MCV_METRIC = "mcv_mse"
 
 
-def latent_verdicts(summary: pd.DataFrame, keys: Sequence[str], *, stage: str) -> list:
-    """One :class:`exprae.compare.Verdict` per setting of the other swept keys (usually: per loss) on mcv_mse."""
-    from exprae.compare import decide
+def latent_verdicts(summary: pd.DataFrame, keys: Sequence[str], *, stage: str, decide: Callable[..., Any]) -> list:
+    """One :class:`exprae.compare.Verdict` per setting of the other swept keys (usually: per loss) on mcv_mse.
 
+    ``decide`` is :func:`exprae.compare.decide`, which ranks the settings and tests the best against the rest.
+    """
     col = f"{stage}/model/{MCV_METRIC}/mean"
     if LATENT_KEY not in keys or col not in summary:
         return []
@@ -43,9 +48,11 @@ def pca_best_latent(summary: pd.DataFrame, *, stage: str) -> tuple[str, float] |
     return str(by_size.idxmin()), float(by_size.min())
 
 
-def markdown_section(summary: pd.DataFrame, keys: Sequence[str], *, stage: str) -> list[str]:
+def markdown_section(
+    summary: pd.DataFrame, keys: Sequence[str], *, stage: str, decide: Callable[..., Any]
+) -> list[str]:
     """The ``## Latent size by MCV`` lines of the sweep report; empty when the sweep has no MCV or latent sweep."""
-    verdicts = latent_verdicts(summary, keys, stage=stage)
+    verdicts = latent_verdicts(summary, keys, stage=stage, decide=decide)
     if not verdicts:
         return []
     lines = [
