@@ -61,11 +61,10 @@ test-gpu: $(STAMP) ## on a CUDA machine: every test marked gpu (refuses to run, 
 	@$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'make test-gpu: no CUDA device here; every gpu test would be skipped')"
 	$(PY) -m pytest -m gpu -p no:cacheprovider
 
-mutation: $(STAMP) ## mutation testing of the numerical core with mutmut (scope in pyproject's [tool.mutmut]; minutes to hours)
+MODULES ?=
+mutation: $(STAMP) ## mutation testing of the numerical core, module by module (MODULES="split masking"; tens of minutes)
 	$(PY) -m pip install -q -e ".[mutation]"
-	rm -rf mutants
-	$(VENV)/bin/mutmut run || true
-	$(PY) scripts/mutation_score.py
+	$(PY) scripts/mutation.py $(MODULES)
 
 lint: $(STAMP) ## ruff lint + format check
 	$(VENV)/bin/ruff check src tests scripts notebooks
@@ -101,4 +100,4 @@ strip-notebooks: $(STAMP) ## remove outputs from notebooks/*.ipynb (they are com
 	$(PY) scripts/strip_notebooks.py
 
 clean: ## remove caches (keeps .venv and your runs)
-	rm -rf .pytest_cache .ruff_cache build src/*.egg-info .venv-ci mutants
+	rm -rf .pytest_cache .ruff_cache build src/*.egg-info .venv-ci mutants .mutation
