@@ -126,3 +126,28 @@ def test_only_the_half_split_is_scored():
     with pytest.raises(ConfigError, match="strictly between 0 and 1"):
         MoleculeSplit(fraction=1.0)
     assert not MoleculeSplit().enabled
+
+
+def test_fraction_zero_is_refused_as_outside_the_open_interval():
+    with pytest.raises(ConfigError, match="strictly between 0 and 1"):
+        MoleculeSplit(fraction=0.0)
+    assert MoleculeSplit(fraction=0.5, seed=3).to_dict() == {"fraction": 0.5, "seed": 3}
+
+
+def test_halves_are_float32_of_the_input_shape_and_the_input_is_left_untouched():
+    # Integer counts whose last gene is never detected (the halves keep every gene), with explicit zeros and
+    # unsorted indices in a float64 CSR: thinning sorts and prunes its own copy, never the caller's matrix.
+    x = sp.csr_matrix(
+        (np.array([3.0, 0.0, 5.0, 2.0]), np.array([2, 0, 1, 0]), np.array([0, 3, 4])), shape=(2, 4), dtype=np.float64
+    )
+    assert not x.has_sorted_indices
+    before = (x.data.copy(), x.indices.copy())
+    x_train, x_held = MoleculeSplit(fraction=0.5, seed=0).split(
+        x, np.arange(2), what="test", obs_names=["a", "b"], var_names=list("wxyz")
+    )
+    for half in (x_train, x_held):
+        assert half.shape == (2, 4) and half.dtype == np.float32
+    assert thin(x.astype(np.int64), np.arange(2), fraction=0.5, seed=0).dtype == np.float32
+    np.testing.assert_array_equal(x.data, before[0])
+    np.testing.assert_array_equal(x.indices, before[1])
+    np.testing.assert_array_equal((x_train + x_held).toarray(), x.toarray())

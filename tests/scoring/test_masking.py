@@ -92,3 +92,83 @@ def test_pca_imputes_by_least_squares_on_observed_entries(nb_cells):
     assert (base.pca(filled) - inside).abs().max() > 1.0  # the plain projection is pulled by the fill
     everything = torch.ones_like(x_ng[200:], dtype=torch.bool)
     torch.testing.assert_close(base.pca_observed(x_ng[200:], everything), base.pca(x_ng[200:]), atol=1e-4, rtol=1e-4)
+
+
+def test_settings_outside_the_definition_are_refused():
+    x_ng, rows = torch.ones(2, 10), torch.arange(2)
+    for fraction in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="mask_fraction must lie in"):
+            hidden_entries(x_ng, rows, fraction=fraction, seed=0, stream="val")
+    with pytest.raises(ValueError, match="stream must be one of"):
+        hidden_entries(x_ng, rows, fraction=0.1, seed=0, stream="train")
+    with pytest.raises(ValueError, match="mask entries must be"):
+        hidden_entries(x_ng, rows, fraction=0.1, seed=0, stream="val", entries="zero")
+    with pytest.raises(ValueError, match="mask fill must be"):
+        InputMasker(10, fill="median")
+    # fraction 0 is the unmasked score: nothing hidden.
+    assert not hidden_entries(x_ng, rows, fraction=0.0, seed=0, stream="val").any()
+
+
+def test_a_cells_hidden_entries_depend_on_seed_stream_and_row_only():
+    x_ng = torch.rand(6, 50, generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([3, 9, 4, 100, 7, 12])
+
+    def hide(x: torch.Tensor, r: torch.Tensor, **kw) -> torch.Tensor:
+        return hidden_entries(x, r, **{"fraction": 0.2, "seed": 5, "stream": "val", **kw})
+
+    whole = hide(x_ng, rows)
+    assert torch.equal(whole.sum(1), torch.full((6,), 10))
+    # The same cell gets the same entries in any batch, in any order, with any values in the other cells.
+    assert torch.equal(hide(x_ng[3:], rows[3:]), whole[3:])
+    assert torch.equal(hide(x_ng.flip(0), rows.flip(0)), whole.flip(0))
+    # Another seed, the other stream, or another row (the same values at another position) hide other entries.
+    assert not torch.equal(hide(x_ng, rows, seed=6), whole)
+    assert not torch.equal(hide(x_ng, rows, stream="test"), whole)
+    assert not torch.equal(hide(x_ng, rows + 1), whole)
+
+
+def test_nonzero_entries_hide_a_rounded_fraction_of_each_cells_detected_genes():
+    x_ng = torch.zeros(4, 20)
+    x_ng[0, :10] = 1.0  # 10 detected: round(0.3 x 10) = 3 hidden
+    x_ng[1, :] = 2.0  # 20 detected: 6 hidden
+    x_ng[2, :1] = 5.0  # 1 detected: round(0.3) = 0 hidden
+    hidden = hidden_entries(x_ng, torch.arange(4), fraction=0.3, seed=0, stream="test", entries="nonzero")
+    assert hidden.sum(1).tolist() == [3, 6, 0, 0]  # row 3 has nothing detected
+    assert not (hidden & (x_ng == 0)).any()
+    everything = hidden_entries(x_ng, torch.arange(4), fraction=0.3, seed=0, stream="test")
+    assert everything.sum(1).tolist() == [6, 6, 6, 6]  # entries="all": zeros are eligible too
+
+
+def _prep(**kw) -> Preprocessing:
+    prep = Preprocessing(**{"normalize_total": None, "log1p": False, "scale": False, **kw})
+    prep.genes = [f"g{i}" for i in range(4)]
+    return prep
+
+
+def test_input_not_normalised_by_exprae_changes_only_the_hidden_entries():
+    x_ng = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0, 5.0, 0.0, 1.0]])
+    hidden = torch.tensor([[True, False, False, False], [False, False, True, True]])
+    mean_g = torch.tensor([10.0, 20.0, 30.0, 40.0])
+    out = InputMasker(4, fill="mean").fit(_prep(log1p=True), mean_g=mean_g)(x_ng, hidden)
+    expected = torch.tensor([[10.0, 2.0, 3.0, 4.0], [0.0, 5.0, 30.0, 40.0]])
+    torch.testing.assert_close(out, expected)
+    # fill="zero" on logged data: log1p(0) = 0.
+    zero = InputMasker(4, fill="zero").fit(_prep(log1p=True), mean_g=mean_g)(x_ng, hidden)
+    torch.testing.assert_close(zero, x_ng.masked_fill(hidden, 0.0))
+
+
+def test_masker_replays_log1p_scaling_and_clipping_after_renormalising():
+    counts = torch.tensor([[10.0, 30.0, 60.0, 0.0]])
+    prep = _prep(normalize_total=100.0, log1p=True, scale=True, max_value=1.5)
+    # No input entry is clipped (clipping cannot be undone); genes 0 and 1 are clipped once renormalised.
+    prep.scale_mean, prep.scale_std = [1.5, 2.0, 3.0, 0.1], [1.0, 1.0, 2.0, 0.25]
+    mean_g, std_g = torch.tensor(prep.scale_mean), torch.tensor(prep.scale_std)
+    x_ng = (torch.log1p(counts) - mean_g) / std_g  # the counts already sum to 100
+    assert x_ng.abs().max() < 1.5
+    hidden = torch.tensor([[False, False, True, False]])
+    out = InputMasker(4, fill="zero").fit(prep, mean_g=torch.zeros(4))(x_ng, hidden)
+    # Without the hidden 60 the cell's 40 counts are scaled back up to 100: 25, 75, -, 0.
+    kept = torch.tensor([[25.0, 75.0, 0.0, 0.0]])
+    expected = ((torch.log1p(kept) - mean_g) / std_g).clamp(-1.5, 1.5)
+    expected[hidden] = ((torch.log1p(torch.zeros(4)) - mean_g) / std_g).clamp(-1.5, 1.5)[2]
+    torch.testing.assert_close(out, expected)

@@ -152,3 +152,23 @@ def test_real_counts_experiment_composes_and_monitors_mcv(compose_cfg, tmp_path)
     datamodule, module = build(cfg)
     assert datamodule.mcv.enabled and datamodule.n_genes == 50
     assert cfg.callbacks.model_checkpoint.monitor in module.metric_names("val")
+
+
+def test_poisson_score_is_one_value_per_cell_over_the_last_axis():
+    counts = torch.tensor([[0.0, 2.0, 5.0], [1.0, 1.0, 1.0]])
+    mean = torch.tensor([[0.5, 2.0, 4.0], [1.0, 2.0, 3.0]])
+    per_cell = poisson_nll(counts, mean)
+    assert per_cell.shape == (2,)
+    for cell in range(2):
+        want = -np.mean(poisson.logpmf(counts[cell].numpy(), mean[cell].numpy()))
+        assert per_cell[cell].item() == pytest.approx(want, rel=1e-5)
+        assert poisson_nll(counts[cell], mean[cell]).item() == pytest.approx(want, rel=1e-5)  # one cell's vector
+
+
+def test_scores_follow_the_batch_to_its_device():
+    # The scorer's input view moves to the device of the batch it is given: on a CPU machine the "meta" device
+    # stands in for a GPU (the view's flags cannot be read there, so the move itself is checked).
+    s = scorer(normalize_total=1e4, log1p=True, scale=True)
+    moved = s._view_on(torch.device("meta"))
+    assert moved is s.view and s.view.scale_mean_g.device.type == "meta"
+    assert s._view_on(torch.device("meta")) is moved  # already there: not moved again

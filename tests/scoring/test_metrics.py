@@ -75,3 +75,67 @@ def test_dispersion_agreement_is_scipys_pearson_and_spearman():
     got = dispersion_agreement(torch.from_numpy(np.append(learned, 5.0)), torch.from_numpy(true_with_nan))
     assert got["dispersion_pearson"].item() == pytest.approx(stats.pearsonr(learned, true).statistic, abs=1e-6)
     assert got["dispersion_spearman"].item() == pytest.approx(stats.spearmanr(learned, true).statistic, abs=1e-6)
+
+
+def _numpy_scores(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """Cosine, Pearson r (scipy) and MSE of one cell, on the entries given."""
+    cos = float(pred @ target / (np.linalg.norm(pred) * np.linalg.norm(target)))
+    return {
+        "cosine": cos,
+        "pearson": float(stats.pearsonr(pred, target).statistic),
+        "mse": float(np.mean((pred - target) ** 2)),
+    }
+
+
+def test_per_cell_scores_are_numpys_and_scipys_on_each_cells_masked_entries():
+    from exprae.scoring.metrics import per_cell_metrics
+
+    rng = np.random.default_rng(3)
+    # Offsets and scales that differ by cell and by entry, so centring on the wrong mean or over the wrong
+    # entries, or averaging over all genes instead of the masked ones, moves every score.
+    target = rng.normal(size=(5, 30)) * 2.0 + 3.0
+    pred = target + rng.normal(size=(5, 30)) + np.arange(30) * 0.1
+    mask = rng.random((5, 30)) < 0.4
+    mask[4] = False  # a cell with nothing masked is scored 0
+    got = per_cell_metrics(torch.tensor(pred), torch.tensor(target), mask_ng=torch.tensor(mask))
+    for cell in range(4):
+        want = _numpy_scores(pred[cell, mask[cell]], target[cell, mask[cell]])
+        for name, value in want.items():
+            assert got[name][cell].item() == pytest.approx(value, abs=1e-5), (name, cell)
+    for name in ("cosine", "pearson", "mse"):
+        assert got[name][4].item() == 0.0
+        assert got[name].dtype == torch.float32
+    plain = per_cell_metrics(torch.tensor(pred), torch.tensor(target))
+    for cell in range(5):
+        for name, value in _numpy_scores(pred[cell], target[cell]).items():
+            assert plain[name][cell].item() == pytest.approx(value, abs=1e-5), (name, cell)
+
+
+def test_masked_update_skips_cells_without_hidden_entries_and_averages_the_loss_over_cells():
+    rng = np.random.default_rng(4)
+    target = torch.tensor(rng.normal(size=(6, 10)), dtype=torch.float32)
+    pred = target + torch.tensor(rng.normal(size=(6, 10)), dtype=torch.float32)
+    mask = torch.tensor(rng.random((6, 10)) < 0.5)
+    mask[[1, 4]] = False
+    loss = torch.arange(6, dtype=torch.float32)
+    metric = ReconstructionMetrics()
+    metric.update(pred[:3], target[:3], loss[:3], mask_ng=mask[:3])
+    metric.update(pred[3:], target[3:], loss[3:], mask_ng=mask[3:])
+    got = metric.compute()
+    from exprae.scoring.metrics import per_cell_metrics
+
+    keep = [0, 2, 3, 5]
+    each = per_cell_metrics(pred[keep], target[keep], mask_ng=mask[keep])
+    for name in ("cosine", "pearson", "mse"):
+        assert got[name].item() == pytest.approx(each[name].mean().item(), abs=1e-6), name
+    assert got["loss"].item() == pytest.approx(np.mean([0, 2, 3, 5]))
+    # torch's median of an even number of cells is the lower middle value (numpy's method="lower").
+    lower_median = np.percentile(each["cosine"].numpy(), 50, method="lower")
+    assert got["cosine_median"].item() == pytest.approx(lower_median, abs=1e-6)
+    # Without losses there is no loss entry; without cells no quantiles, and the means are 0, not NaN.
+    bare = ReconstructionMetrics()
+    bare.update(pred, target)
+    assert "loss" not in bare.compute()
+    assert bare.compute()["mse"].item() == pytest.approx(((pred - target) ** 2).mean().item(), rel=1e-5)
+    empty = ReconstructionMetrics().compute()
+    assert "cosine_median" not in empty and empty["cosine"].item() == 0.0

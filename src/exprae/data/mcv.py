@@ -89,10 +89,9 @@ def thin(x_ng: np.ndarray | sp.spmatrix, rows_n: np.ndarray, *, fraction: float,
     Draws are made for the nonzero counts of a row in increasing gene order, so a dense matrix, a CSR matrix
     with unsorted indices or explicit zeros, and any slice of rows all give the same ``x'`` for a cell.
     """
-    csr = sp.csr_matrix(x_ng, dtype=np.float64, copy=True)
+    csr = sp.csr_matrix(x_ng, copy=True)  # a copy: zeros are dropped and indices sorted in place
     csr.eliminate_zeros()
     csr.sort_indices()
-    rows_n = np.asarray(rows_n, dtype=np.int64)
     if len(rows_n) != csr.shape[0]:
         raise ValueError(f"{len(rows_n)} row numbers for a matrix of {csr.shape[0]} rows")
     counts = np.rint(csr.data).astype(np.int64)
@@ -100,7 +99,7 @@ def thin(x_ng: np.ndarray | sp.spmatrix, rows_n: np.ndarray, *, fraction: float,
     indptr = csr.indptr
     for i, row in enumerate(rows_n):
         lo, hi = indptr[i], indptr[i + 1]
-        if hi > lo:
+        if hi > lo:  # pragma: no mutate (an empty row draws nothing either way; this only skips a generator)
             out[lo:hi] = np.random.default_rng([int(seed), int(row)]).binomial(counts[lo:hi], fraction)
     thinned = sp.csr_matrix((out, csr.indices.copy(), indptr.copy()), shape=csr.shape)
     thinned.eliminate_zeros()
