@@ -105,6 +105,7 @@ def test_settings_outside_the_definition_are_refused():
         hidden_entries(x_ng, rows, fraction=0.1, seed=0, stream="val", entries="zero")
     with pytest.raises(ValueError, match="mask fill must be"):
         InputMasker(10, fill="median")
+    assert InputMasker(10).state_dict() == {}  # it judges a run; nothing of it goes into checkpoints
     # fraction 0 is the unmasked score: nothing hidden.
     assert not hidden_entries(x_ng, rows, fraction=0.0, seed=0, stream="val").any()
 
@@ -128,15 +129,17 @@ def test_a_cells_hidden_entries_depend_on_seed_stream_and_row_only():
 
 
 def test_nonzero_entries_hide_a_rounded_fraction_of_each_cells_detected_genes():
-    x_ng = torch.zeros(4, 20)
+    x_ng = torch.zeros(5, 20)
     x_ng[0, :10] = 1.0  # 10 detected: round(0.3 x 10) = 3 hidden
     x_ng[1, :] = 2.0  # 20 detected: 6 hidden
     x_ng[2, :1] = 5.0  # 1 detected: round(0.3) = 0 hidden
-    hidden = hidden_entries(x_ng, torch.arange(4), fraction=0.3, seed=0, stream="test", entries="nonzero")
-    assert hidden.sum(1).tolist() == [3, 6, 0, 0]  # row 3 has nothing detected
+    x_ng[3, 5:9] = 1.0  # 4 detected: round(1.2) = 1 hidden
+    hidden = hidden_entries(x_ng, torch.arange(5), fraction=0.3, seed=0, stream="test", entries="nonzero")
+    assert hidden.sum(1).tolist() == [3, 6, 0, 1, 0]  # row 4 has nothing detected
     assert not (hidden & (x_ng == 0)).any()
-    everything = hidden_entries(x_ng, torch.arange(4), fraction=0.3, seed=0, stream="test")
-    assert everything.sum(1).tolist() == [6, 6, 6, 6]  # entries="all": zeros are eligible too
+    everything = hidden_entries(x_ng, torch.arange(5), fraction=0.3, seed=0, stream="test")
+    assert everything.sum(1).tolist() == [6] * 5  # entries="all": zeros are eligible too
+    assert hidden_entries(x_ng, torch.arange(5), fraction=0.05, seed=0, stream="test").sum(1).tolist() == [1] * 5
 
 
 def _prep(**kw) -> Preprocessing:
@@ -172,3 +175,11 @@ def test_masker_replays_log1p_scaling_and_clipping_after_renormalising():
     expected = ((torch.log1p(kept) - mean_g) / std_g).clamp(-1.5, 1.5)
     expected[hidden] = ((torch.log1p(torch.zeros(4)) - mean_g) / std_g).clamp(-1.5, 1.5)[2]
     torch.testing.assert_close(out, expected)
+
+
+def test_a_cell_whose_every_count_is_hidden_keeps_finite_zeros():
+    prep = _prep(normalize_total=100.0, log1p=True)
+    x_ng = torch.log1p(torch.tensor([[0.0, 0.0, 100.0, 0.0]]))
+    hidden = torch.tensor([[False, False, True, False]])
+    out = InputMasker(4, fill="zero").fit(prep, mean_g=torch.zeros(4))(x_ng, hidden)
+    torch.testing.assert_close(out, torch.zeros(1, 4))

@@ -76,12 +76,13 @@ class InputMasker(nn.Module):
         if fill not in ("mean", "zero"):
             raise ValueError(f"mask fill must be 'mean' or 'zero', got {fill!r}")
         self.fill = fill
-        self.target_sum = 0.0  # normalize_total's target; 0: the input was not normalised by exprae
-        self.log1p = self.scaled = False
+        # Placeholders until fit() sets them from the preprocessing (the masker is never used unfitted).
+        self.target_sum = 0.0  # pragma: no mutate (normalize_total's target; 0: not normalised by exprae)
+        self.log1p = self.scaled = False  # pragma: no mutate
         self.register_buffer("scale_mean_g", torch.zeros(n_genes), persistent=False)
         self.register_buffer("scale_std_g", torch.ones(n_genes), persistent=False)
         self.register_buffer("fill_g", torch.zeros(n_genes), persistent=False)
-        self.max_value = float("inf")
+        self.max_value = float("inf")  # pragma: no mutate (float("INF") is the same number)
 
     def fit(self, preprocess: Any, *, mean_g: torch.Tensor) -> InputMasker:
         """Copy the preprocessing's settings; ``mean_g`` is each gene's training mean in the input representation."""
@@ -119,6 +120,8 @@ class InputMasker(nn.Module):
             v_ng = self._inverse_chain(x).clamp_min(0.0)
             hidden_total_n = (v_ng * hidden_ng).sum(1, keepdim=True)
             # The cell's total over every gene was target_sum; without the hidden values it is target − hidden.
-            factor_n = self.target_sum / (self.target_sum - hidden_total_n).clamp_min(1e-6 * self.target_sum)
+            # A cell whose every count is hidden keeps only zeros, which any positive floor leaves at zero.
+            floor = 1e-6 * self.target_sum  # pragma: no mutate
+            factor_n = self.target_sum / (self.target_sum - hidden_total_n).clamp_min(floor)
             x = self._forward_chain(v_ng * factor_n)
         return torch.where(hidden_ng, self.fill_g.to(x.dtype), x).to(x_ng.dtype)
