@@ -164,7 +164,8 @@ def test_masker_replays_log1p_scaling_and_clipping_after_renormalising():
     counts = torch.tensor([[10.0, 30.0, 60.0, 0.0]])
     prep = _prep(normalize_total=100.0, log1p=True, scale=True, max_value=1.5)
     # No input entry is clipped (clipping cannot be undone); genes 0 and 1 are clipped once renormalised.
-    prep.scale_mean, prep.scale_std = [1.5, 2.0, 3.0, 0.1], [1.0, 1.0, 2.0, 0.25]
+    # Gene 2, hidden and filled with a zero count, is clipped from below: (0 - 3) / 1.5 = -2 -> -1.5.
+    prep.scale_mean, prep.scale_std = [1.5, 2.0, 3.0, 0.1], [1.0, 1.0, 1.5, 0.25]
     mean_g, std_g = torch.tensor(prep.scale_mean), torch.tensor(prep.scale_std)
     x_ng = (torch.log1p(counts) - mean_g) / std_g  # the counts already sum to 100
     assert x_ng.abs().max() < 1.5
@@ -183,3 +184,21 @@ def test_a_cell_whose_every_count_is_hidden_keeps_finite_zeros():
     hidden = torch.tensor([[False, False, True, False]])
     out = InputMasker(4, fill="zero").fit(prep, mean_g=torch.zeros(4))(x_ng, hidden)
     torch.testing.assert_close(out, torch.zeros(1, 4))
+
+
+def test_proportions_are_renormalised_and_the_input_dtype_and_device_are_kept():
+    # normalize_total=1: cells as proportions, still re-normalised without the hidden share.
+    prep = _prep(normalize_total=1.0)
+    x_ng = torch.tensor([[0.1, 0.3, 0.6, 0.0]], dtype=torch.float64)
+    hidden = torch.tensor([[False, False, True, False]])
+    masker = InputMasker(4, fill="zero").fit(prep, mean_g=torch.zeros(4))
+    out = masker(x_ng, hidden)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, torch.tensor([[0.25, 0.75, 0.0, 0.0]], dtype=torch.float64))
+    # Fitted with scaling, every buffer is float32 (like the batches) and follows the module to another device
+    # ("meta" stands in for a GPU on a CPU machine).
+    scaled = _prep(scale=True)
+    scaled.scale_mean, scaled.scale_std = [0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 2.0, 2.0]
+    masker = InputMasker(4, fill="zero").fit(scaled, mean_g=torch.zeros(4)).to("meta")
+    for buffer in (masker.scale_mean_g, masker.scale_std_g, masker.fill_g):
+        assert buffer.device.type == "meta" and buffer.dtype == torch.float32

@@ -23,6 +23,7 @@ falls in or on the training seed, so every run of a sweep is scored on the same 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import numpy as np
@@ -79,10 +80,14 @@ class InputMasker(nn.Module):
         # Placeholders until fit() sets them from the preprocessing (the masker is never used unfitted).
         self.target_sum = 0.0  # pragma: no mutate (normalize_total's target; 0: not normalised by exprae)
         self.log1p = self.scaled = False  # pragma: no mutate
-        self.register_buffer("scale_mean_g", torch.zeros(n_genes), persistent=False)
-        self.register_buffer("scale_std_g", torch.ones(n_genes), persistent=False)
-        self.register_buffer("fill_g", torch.zeros(n_genes), persistent=False)
-        self.max_value = float("inf")  # pragma: no mutate (float("INF") is the same number)
+        # Buffers, so they follow the module to the batches' device; not persistent: nothing goes into checkpoints.
+        for name, placeholder in (
+            ("scale_mean_g", torch.zeros(n_genes)),
+            ("scale_std_g", torch.ones(n_genes)),
+            ("fill_g", torch.zeros(n_genes)),
+        ):
+            self.register_buffer(name, placeholder, persistent=False)  # pragma: no mutate (None is as falsy)
+        self.max_value = math.inf
 
     def fit(self, preprocess: Any, *, mean_g: torch.Tensor) -> InputMasker:
         """Copy the preprocessing's settings; ``mean_g`` is each gene's training mean in the input representation."""
@@ -91,11 +96,11 @@ class InputMasker(nn.Module):
         if self.scaled:
             self.scale_mean_g = torch.as_tensor(preprocess.scale_mean, dtype=torch.float32)
             self.scale_std_g = torch.as_tensor(preprocess.scale_std, dtype=torch.float32)
-            self.max_value = float("inf") if preprocess.max_value is None else float(preprocess.max_value)
+            self.max_value = math.inf if preprocess.max_value is None else float(preprocess.max_value)
         self.fill_g = (
             mean_g.detach().float().clone()
             if self.fill == "mean"
-            else self._forward_chain(torch.zeros(1, len(self.scale_mean_g)))[0]
+            else self._forward_chain(torch.zeros(len(self.scale_mean_g)))
         )
         return self
 
@@ -124,4 +129,4 @@ class InputMasker(nn.Module):
             floor = 1e-6 * self.target_sum  # pragma: no mutate
             factor_n = self.target_sum / (self.target_sum - hidden_total_n).clamp_min(floor)
             x = self._forward_chain(v_ng * factor_n)
-        return torch.where(hidden_ng, self.fill_g.to(x.dtype), x).to(x_ng.dtype)
+        return torch.where(hidden_ng, self.fill_g, x).to(x_ng.dtype)
