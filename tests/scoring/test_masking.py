@@ -202,3 +202,9 @@ def test_proportions_are_renormalised_and_the_input_dtype_and_device_are_kept():
     masker = InputMasker(4, fill="zero").fit(scaled, mean_g=torch.zeros(4)).to("meta")
     for buffer in (masker.scale_mean_g, masker.scale_std_g, masker.fill_g):
         assert buffer.device.type == "meta" and buffer.dtype == torch.float32
+
+
+def test_hidden_entries_are_drawn_on_the_batchs_device():
+    # "meta" stands in for a GPU on a CPU machine: the draws made with numpy must move to the batch's device.
+    hidden = hidden_entries(torch.zeros(3, 8, device="meta"), torch.arange(3), fraction=0.25, seed=0, stream="val")
+    assert hidden.device.type == "meta" and hidden.shape == (3, 8) and hidden.dtype == torch.bool

@@ -58,7 +58,7 @@ def hidden_entries(
     rows = index_n.detach().cpu().numpy()
     # One SeedSequence per cell: the cell's draw does not depend on which batch or rank it is in.
     u_ng = np.stack([np.random.default_rng([seed, STREAMS[stream], int(r)]).random(x_ng.shape[1]) for r in rows])
-    u_ng = torch.from_numpy(u_ng).to(x_ng.device).masked_fill(~eligible_ng, float("inf"))
+    u_ng = torch.from_numpy(u_ng).to(x_ng.device).masked_fill(~eligible_ng, math.inf)
     k_n = torch.floor(eligible_ng.sum(dim=1) * fraction + 0.5).long()
     # The k smallest draws among the eligible entries are hidden (draws are distinct almost surely).
     kth_n = u_ng.sort(dim=1).values.gather(1, (k_n - 1).clamp_min(0)[:, None])
