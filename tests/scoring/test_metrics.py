@@ -139,3 +139,19 @@ def test_masked_update_skips_cells_without_hidden_entries_and_averages_the_loss_
     assert bare.compute()["mse"].item() == pytest.approx(((pred - target) ** 2).mean().item(), rel=1e-5)
     empty = ReconstructionMetrics().compute()
     assert "cosine_median" not in empty and empty["cosine"].item() == 0.0
+
+
+def test_one_cell_with_one_masked_entry_is_scored_on_that_entry_alone():
+    # The smallest counts a mean can divide by: one masked entry in a cell, one cell in the metric, one loss.
+    from exprae.scoring.metrics import per_cell_metrics
+
+    pred, target = torch.tensor([[1.0, 5.0, 2.0]]), torch.tensor([[0.0, 2.0, 2.0]])
+    mask = torch.tensor([[False, True, False]])
+    assert per_cell_metrics(pred, target, mask_ng=mask)["mse"].item() == pytest.approx(9.0)
+    metric = ReconstructionMetrics()
+    metric.update(pred, target, torch.tensor([0.7]), mask_ng=mask)
+    got = metric.compute()
+    assert got["mse"].item() == pytest.approx(9.0) and got["loss"].item() == pytest.approx(0.7)
+    no_loss = ReconstructionMetrics()
+    no_loss.update(pred, target, mask_ng=mask)  # a masked update without losses
+    assert "loss" not in no_loss.compute() and no_loss.compute()["mse"].item() == pytest.approx(9.0)

@@ -94,8 +94,9 @@ class InputMasker(nn.Module):
         self.target_sum = float(preprocess.normalize_total or 0.0)
         self.log1p, self.scaled = bool(preprocess.log1p), bool(preprocess.scale)
         if self.scaled:
-            self.scale_mean_g = torch.as_tensor(preprocess.scale_mean, dtype=torch.float32)
-            self.scale_std_g = torch.as_tensor(preprocess.scale_std, dtype=torch.float32)
+            # Preprocessing stores lists of Python floats, which torch reads as float32 with or without the dtype.
+            self.scale_mean_g = torch.as_tensor(preprocess.scale_mean, dtype=torch.float32)  # pragma: no mutate
+            self.scale_std_g = torch.as_tensor(preprocess.scale_std, dtype=torch.float32)  # pragma: no mutate
             self.max_value = math.inf if preprocess.max_value is None else float(preprocess.max_value)
         self.fill_g = (
             mean_g.detach().float().clone()
