@@ -87,7 +87,7 @@ class InputMasker(nn.Module):
             ("fill_g", torch.zeros(n_genes)),
         ):
             self.register_buffer(name, placeholder, persistent=False)  # pragma: no mutate (None is as falsy)
-        self.max_value = math.inf
+        self.max_value = math.inf  # pragma: no mutate (placeholder, read only once fit() found scaling and set it)
 
     def fit(self, preprocess: Any, *, mean_g: torch.Tensor) -> InputMasker:
         """Copy the preprocessing's settings; ``mean_g`` is each gene's training mean in the input representation."""
