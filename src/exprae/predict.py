@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -243,7 +244,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"exprae-predict: error: {e}", file=sys.stderr)
         return 2
 
+    started = time.time()
+
     def stopped(signal_name: str) -> str:
+        out = Path(cfg.out).expanduser()
+        # The output appears in one rename, complete: a signal after it stops nothing but the summary.
+        if out.is_file() and out.stat().st_mtime >= started:
+            return f"stopped by {signal_name} after {cfg.out} was written (the output is complete)"
         return f"stopped by {signal_name} before {cfg.out} was written; nothing was written, run the command again"
 
     # Any other exception is a bug in exprae and keeps its traceback.
