@@ -78,11 +78,7 @@ def semisynthetic(path: Path, *, seed: int, effect_sd: float, n_cells: int | Non
 
 def train_exprae(data: Path, out_dir: Path, *, batch_key: str | None, label_key: str | None, args: Any) -> Path:
     """One exprae run composed from the real configs (default h5ad preprocessing); returns its run directory."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
-
-    from exprae.train import CONFIG_DIR, train
+    from exprae.train import compose, train
 
     overrides = [
         "data=h5ad",
@@ -100,14 +96,7 @@ def train_exprae(data: Path, out_dir: Path, *, batch_key: str | None, label_key:
         overrides.append(f"data.batch_key={batch_key}")
     if label_key:
         overrides.append(f"data.label_key={label_key}")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-        cfg.hydra.runtime.output_dir = str(out_dir)
-    train(cfg)
+    train(compose(overrides, out_dir))
     return out_dir
 
 

@@ -20,12 +20,9 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
 from scipy.stats import spearmanr
 
-from exprae.train import CONFIG_DIR, train
+from exprae.train import compose, train
 
 QUIET = [
     "trainer.accelerator=cpu",
@@ -51,14 +48,7 @@ def run_one(out: Path, *, loss: str, latent: int, args: argparse.Namespace) -> d
         f"callbacks.model_checkpoint.monitor={args.monitor}",
         f"seed={args.seed}",
     ]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    GlobalHydra.instance().clear()
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-        cfg.hydra.runtime.output_dir = str(out)
-    return train(cfg)
+    return train(compose(overrides, out))
 
 
 def sweep(args: argparse.Namespace) -> pd.DataFrame:
