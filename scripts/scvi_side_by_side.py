@@ -14,7 +14,9 @@ genes, and its prediction for validation/test cells is scored with exprae's metr
 * ``mcv_poisson`` uses scVI's expected counts (its normalised expression times the cell's x' library).
 
 The PCA (same size) and mean-profile baselines are fitted on the same training cells by exprae's own code.
-Writes ``scores.csv`` and ``metrics.json`` (exprae's layout) under ``--out`` and prints the table.
+Writes ``scores.csv``, ``metrics.json`` and the per-cell ``cells.csv`` (an exprae run's layout: scVI's columns
+unprefixed, ``pca_*``, ``meanprofile_*``; so ``exprae.report.paired`` can pair scVI with an exprae run cell by
+cell) under ``--out`` and prints the table.
 scvi-tools is an optional extra: ``pip install "scvi-tools>=1.1" "torch==2.13.0"`` (the pin keeps exprae's torch).
 """
 
@@ -40,6 +42,7 @@ from exprae.constants import MCV_COUNTS_KEY, MCV_TARGET_KEY, SIZE_FACTOR_KEY, X_
 from exprae.data import ExpressionDataModule
 from exprae.nn.baselines import Baselines
 from exprae.nn.count_head import InputView
+from exprae.runs.rundir import CELLS_FILE
 from exprae.scoring.mcv import MCVScorer, poisson_nll
 from exprae.scoring.metrics import per_cell_metrics
 from exprae.train import CONFIG_DIR
@@ -79,15 +82,25 @@ def training_counts(dm: ExpressionDataModule) -> ad.AnnData:
     return counts
 
 
-def score(pred_ng: torch.Tensor, batch: dict[str, torch.Tensor], count_mean_ng: torch.Tensor) -> dict[str, float]:
-    """exprae's per-cell scores, averaged over cells: against the input x' and against the held-out x''."""
-    own = {k: float(v.mean()) for k, v in per_cell_metrics(pred_ng, batch[X_KEY]).items()}
-    held = {f"mcv_{k}": float(v.mean()) for k, v in per_cell_metrics(pred_ng, batch[MCV_TARGET_KEY]).items()}
-    held["mcv_poisson"] = float(poisson_nll(batch[MCV_COUNTS_KEY], count_mean_ng).mean())
+def cell_scores(
+    pred_ng: torch.Tensor, batch: dict[str, torch.Tensor], count_mean_ng: torch.Tensor
+) -> dict[str, np.ndarray]:
+    """exprae's per-cell scores: against the input x' and against the held-out x'' (``mcv_*``)."""
+    own = {k: v.numpy() for k, v in per_cell_metrics(pred_ng, batch[X_KEY]).items()}
+    held = {f"mcv_{k}": v.numpy() for k, v in per_cell_metrics(pred_ng, batch[MCV_TARGET_KEY]).items()}
+    held["mcv_poisson"] = poisson_nll(batch[MCV_COUNTS_KEY], count_mean_ng).numpy()
     return {**own, **held}
 
 
-def run(args: argparse.Namespace) -> dict:
+CELL_PREFIX = {"scvi": "", "pca": "pca_", "mean": "meanprofile_"}  # the layout of an exprae run's cells.csv
+
+
+def averaged(per_cell: dict[str, np.ndarray]) -> dict[str, float]:
+    """The mean over cells of each per-cell score."""
+    return {name: float(values.mean()) for name, values in per_cell.items()}
+
+
+def run(args: argparse.Namespace) -> tuple[dict, pd.DataFrame]:
     import scvi
 
     start = time.perf_counter()
@@ -106,11 +119,14 @@ def run(args: argparse.Namespace) -> dict:
     scorer = MCVScorer(dm.mcv, dm.preprocess)
     view = InputView(dm.n_genes).fit(dm.preprocess)
     metrics: dict[str, dict[str, dict[str, float]]] = {}
+    cells: dict[str, pd.DataFrame] = {}
     for stage in ("val", "test"):
         data = dm.split_dataset(stage)
         batch = data[np.arange(len(data))]
         size_factor_n = batch[SIZE_FACTOR_KEY]
         held = counts[dm.splits[stage]].copy()
+        if not held.obs_names.equals(dm.adata.obs_names[dm.splits[stage]]):
+            raise RuntimeError(f"the {stage} cells of the raw counts and of the prepared data are not the same cells")
         # Posterior-predictive draws of counts at the cell's own x' depth, each mapped into exprae's input space.
         draws = model.posterior_predictive_sample(held, n_samples=args.n_samples)
         draws = torch.as_tensor(
@@ -123,14 +139,33 @@ def run(args: argparse.Namespace) -> dict:
         library_n = torch.as_tensor(np.asarray(held.X.sum(axis=1)).ravel(), dtype=torch.float32)
         rho = model.get_normalized_expression(held, library_size=1.0, n_samples=args.n_samples, return_mean=True)
         mean_ng = torch.as_tensor(np.asarray(rho), dtype=torch.float32) * library_n.unsqueeze(-1)
-        scvi_scores = score(expected_view, batch, scorer.count_mean(params={"log_mu": mean_ng.clamp_min(1e-12).log()}))
+        per_cell = {
+            "scvi": cell_scores(
+                expected_view, batch, scorer.count_mean(params={"log_mu": mean_ng.clamp_min(1e-12).log()})
+            )
+        }
+        for who, recon in baselines(batch[X_KEY]).items():
+            per_cell[who] = cell_scores(recon, batch, scorer.count_mean(recon_ng=recon, size_factor_n=size_factor_n))
+        cells[stage] = pd.DataFrame(
+            {
+                "obs_name": held.obs_names,
+                "split": stage,
+                **{
+                    f"{CELL_PREFIX[who]}{name}": values
+                    for who, scores in per_cell.items()
+                    for name, values in scores.items()
+                },
+            }
+        )
+        scvi_scores = averaged(per_cell["scvi"])
         scvi_scores["mcv_mse_log_of_mean"] = float(
             per_cell_metrics(view(mean_ng, size_factor_n), batch[MCV_TARGET_KEY])["mse"].mean()
         )
-        metrics[stage] = {"scvi": scvi_scores}
-        for who, recon in baselines(batch[X_KEY]).items():
-            metrics[stage][who] = score(recon, batch, scorer.count_mean(recon_ng=recon, size_factor_n=size_factor_n))
-    return {
+        metrics[stage] = {
+            "scvi": scvi_scores,
+            **{who: averaged(scores) for who, scores in per_cell.items() if who != "scvi"},
+        }
+    result = {
         "method": "scvi-tools SCVI",
         "scvi_version": scvi.__version__,
         "data": str(args.data),
@@ -142,6 +177,7 @@ def run(args: argparse.Namespace) -> dict:
         "total_seconds": round(time.perf_counter() - start, 1),
         **metrics,
     }
+    return result, pd.concat([cells["val"], cells["test"]], ignore_index=True)
 
 
 def table(result: dict) -> pd.DataFrame:
@@ -169,16 +205,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "data_overrides", nargs="*", help="extra data.* overrides, e.g. data.preprocess.n_top_genes=1000"
     )
-    args = parser.parse_args(argv)
+    # Intermixed: the data.* overrides may follow the options (plain parse_args leaves them unrecognised).
+    args = parser.parse_intermixed_args(argv)
     if importlib.util.find_spec("scvi") is None:
         print(f"scvi_side_by_side: scvi-tools is not installed; install it with\n  {INSTALL}", file=sys.stderr)
         return 2
     if args.out.exists() and any(args.out.iterdir()):
         print(f"scvi_side_by_side: {args.out} is not empty; choose another --out", file=sys.stderr)
         return 1
-    result = run(args)
+    result, cells = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "metrics.json").write_text(json.dumps(result, indent=2))
+    cells.to_csv(args.out / CELLS_FILE, index=False, float_format="%.6g")
     frame = table(result)
     frame.to_csv(args.out / "scores.csv", index=False)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.precision", 4):

@@ -49,6 +49,14 @@ def test_scvi_side_by_side_on_small_counts(tmp_path):
     for who in ("scvi", "pca", "mean"):
         assert {"mcv_mse", "mcv_cosine", "mcv_poisson", "cosine", "mse"} <= set(result["test"][who])
     assert result["test"]["pca"]["mcv_mse"] < result["test"]["mean"]["mcv_mse"]
+    # Per-cell scores in an exprae run's layout, whose means are the reported ones: pairable cell by cell.
+    cells = pd.read_csv(tmp_path / "out" / "cells.csv")
+    assert cells.groupby("split").size().to_dict() == {"val": 40, "test": 40}
+    assert cells["obs_name"].is_unique and set(cells["obs_name"]) <= set(adata.obs_names)
+    test = cells[cells["split"] == "test"]
+    for column, (who, name) in {"mcv_mse": ("scvi", "mcv_mse"), "pca_mcv_mse": ("pca", "mcv_mse")}.items():
+        assert test[column].mean() == pytest.approx(result["test"][who][name], rel=1e-4)
+    assert test["meanprofile_cosine"].mean() == pytest.approx(result["test"]["mean"]["cosine"], rel=1e-4)
 
 
 @pytest.mark.slow
