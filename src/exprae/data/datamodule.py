@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from exprae.constants import (
+    EXPECTED_TRUTH_KEY,
     LIBRARY_KEY,
     MCV_COUNTS_KEY,
     MCV_TARGET_KEY,
@@ -49,6 +50,7 @@ from exprae.data.mcv import MoleculeSplit
 from exprae.data.preprocessing import Preprocessing
 from exprae.data.split import split_cells
 from exprae.data.training_data import TrainingData
+from exprae.data.truth import expected_truth
 from exprae.errors import ConfigError, DataError, MissingKeyError
 
 # Where the datamodule keeps a separate target (gene-subset, per split by slicing) and its per-cell scalars.
@@ -57,6 +59,7 @@ LIBRARY_OBS = "exprae_library_size"
 SIZE_FACTOR_OBS = "exprae_size_factor"
 # data.mcv: the held-out molecules x'' (preprocessed like the input; raw counts on the kept genes), scoring only.
 MCV_LAYERS = {MCV_TARGET_KEY: "exprae_mcv_target", MCV_COUNTS_KEY: "exprae_mcv_counts"}
+SCORED_LAYERS = {**MCV_LAYERS, EXPECTED_TRUTH_KEY: EXPECTED_TRUTH_KEY}  # served with validation/test cells only
 MIN_HELD_OUT = 10  # fewer validation or test cells than this gets a warning: their mean metric is mostly noise
 
 
@@ -221,6 +224,12 @@ class ExpressionDataModule(pl.LightningDataModule):
             truth_ng = full.layers[TRUTH_KEY] * (self.mcv.fraction if self.mcv.enabled else 1.0)
             truth = ad.AnnData(X=truth_ng, obs=adata.obs[[]], var=pd.DataFrame(index=adata.var_names))
             self.adata.layers[TRUTH_KEY] = self.preprocess.transform(truth).X
+            # E[T(x)] (of x'' under MCV), what the models and the MCV score estimate; needs the true dispersion.
+            held = np.concatenate([self.splits["val"], self.splits["test"]])  # the cells it is scored on
+            depth = 1.0 - self.mcv.fraction if self.mcv.enabled else 1.0
+            expected = expected_truth(full, self.preprocess, rows=held, depth=depth)
+            if expected is not None:
+                self.adata.layers[EXPECTED_TRUTH_KEY] = expected
         if self.label_key is not None:
             labels = pd.Categorical(self.adata.obs[self.label_key])
             self.label_categories = [str(c) for c in labels.categories]
@@ -398,7 +407,7 @@ class ExpressionDataModule(pl.LightningDataModule):
             labels = pd.Categorical(sub.obs[self.label_key], categories=self.label_categories).codes
         obs = {key: sub.obs[key].to_numpy() for key in (LIBRARY_OBS, SIZE_FACTOR_OBS) if key in sub.obs}
         # x'' of held-out cells is scored against; the training cells' x'' is never served.
-        scored = {} if split == "train" else {k: sub.layers[v] for k, v in MCV_LAYERS.items() if v in sub.layers}
+        scored = {} if split == "train" else {k: sub.layers[v] for k, v in SCORED_LAYERS.items() if v in sub.layers}
         return CellDataset(
             sub.X,
             target=sub.layers.get(TARGET_LAYER),
@@ -554,6 +563,7 @@ class ExpressionDataModule(pl.LightningDataModule):
             mcv=self.mcv if self.mcv.enabled else None,
             has_labels=self.label_key is not None,
             has_truth=TRUTH_KEY in self.adata.layers,
+            has_expected_truth=EXPECTED_TRUTH_KEY in self.adata.layers,
             split_obs_names={split: obs_names[rows] for split, rows in self.splits.items()},
         )
 

@@ -36,9 +36,11 @@ class MCVScorer:
     every ``setup``.
     """
 
-    def __init__(self, split: MoleculeSplit, preprocess: object, *, n_samples: int = N_SAMPLES) -> None:
-        self.depth_ratio = split.depth_ratio
-        self.seed, self.n_samples = int(split.seed), int(n_samples)
+    def __init__(self, split: MoleculeSplit | None, preprocess: object, *, n_samples: int = N_SAMPLES) -> None:
+        # No split: the draws are of the cell's own counts (depth ratio 1), e.g. a count model's prediction of
+        # the expected truth E[T(x)] without MCV (exprae.data.truth).
+        self.depth_ratio = 1.0 if split is None else split.depth_ratio
+        self.seed, self.n_samples = 0 if split is None else int(split.seed), int(n_samples)
         self.view = InputView(len(preprocess.genes)).fit(preprocess)
 
     def _view_on(self, device: torch.device) -> InputView:

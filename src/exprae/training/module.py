@@ -12,6 +12,7 @@ from torch import nn
 
 from exprae.constants import (
     BATCH_KEY,
+    EXPECTED_TRUTH_KEY,
     EXTRA_SCORES,
     INDEX_KEY,
     LABEL_KEY,
@@ -74,7 +75,9 @@ class AutoencoderModule(pl.LightningModule):
     per-gene dispersions (on the log scale).
 
     When batches carry the noise-free truth (synthetic ``true_mean``) every scored reconstruction also gets
-    ``{cosine,pearson,mse,...}_to_truth`` against it; with ``mask_fraction > 0`` also
+    ``{cosine,pearson,mse,...}_to_truth`` against it, and where the data knows the dispersion too, each method's
+    prediction of the expected preprocessed profile (:meth:`expected_profiles`) gets
+    ``{...}_to_expected_truth`` against ``E[T(x)]`` (:mod:`exprae.data.truth`); with ``mask_fraction > 0`` also
     ``masked_{cosine,pearson,mse,...}`` on entries hidden from the encoder (:mod:`exprae.scoring.masking`:
     drawn over ``mask_entries``, the input re-normalised without them and filled per ``mask_fill``; PCA imputes
     by least squares on the observed entries).
@@ -171,6 +174,7 @@ class AutoencoderModule(pl.LightningModule):
         if n_batches:  # next to the mean profile and PCA, their per-batch variants
             self.scored += tuple(BATCH_SCORED[who] for who in ("mean", "pca") if who in self.scored)
         self.mcv: MCVScorer | None = None  # set by attach_data when the data has a molecule split (data.mcv)
+        self.predictive: MCVScorer | None = None  # set by attach_data: a count model's sampled E[T(x)]
         self.data: TrainingData | None = None  # the data's hand-off (attach_data); None when only predicting
         # Baselines are needed for the PCA start even when they are not reported.
         self.baselines = Baselines(net.n_genes, net.latent_dim, n_batches=n_batches)
@@ -201,6 +205,8 @@ class AutoencoderModule(pl.LightningModule):
             raise ValueError(f"the data has {data.n_genes} genes but the network reads {self.net.n_genes}")
         self.data = data
         self.mcv = None if data.mcv is None else MCVScorer(data.mcv, data.preprocess)
+        # A count model's expected profile, for MCV and the expected truth: drawn at the depth of x'' (or of x).
+        self.predictive = self.mcv or MCVScorer(None, data.preprocess)
 
     def setup(self, stage: str) -> None:
         """Fit the baselines on the training cells (and start the network at PCA) before the first fit."""
@@ -313,6 +319,9 @@ class AutoencoderModule(pl.LightningModule):
         if TRUTH_KEY in batch:
             for who, recon in recons.items():
                 self.metrics[f"{stage}_{who}_truth"].update(recon, batch[TRUTH_KEY])
+        if EXPECTED_TRUTH_KEY in batch:
+            for who, pred in self.expected_profiles(out, batch, recons).items():
+                self.metrics[f"{stage}_{who}_expected_truth"].update(pred, batch[EXPECTED_TRUTH_KEY])
         if self.mcv is not None and MCV_TARGET_KEY in batch:
             self._score_held_out_molecules(out, batch, recons, stage)
         if self.mask_fraction > 0:
@@ -371,17 +380,27 @@ class AutoencoderModule(pl.LightningModule):
         """
         size_factor_n = batch.get(SIZE_FACTOR_KEY)
         predictions = {}
-        for who, recon in recons.items():
+        for who, pred in self.expected_profiles(out, batch, recons).items():
             if who == "model" and self.count_loss:
-                params = count_parameters(out, batch)
-                stream = int(batch[INDEX_KEY][0]) if len(batch[INDEX_KEY]) else 0
-                pred = self.mcv.expected_view(params, size_factor_n, stream=stream)
-                mean_ng = self.mcv.count_mean(params=params)
+                mean_ng = self.mcv.count_mean(params=count_parameters(out, batch))
             else:
-                pred = recon
-                mean_ng = self.mcv.count_mean(recon_ng=recon, size_factor_n=size_factor_n)
+                mean_ng = self.mcv.count_mean(recon_ng=recons[who], size_factor_n=size_factor_n)
             predictions[who] = (pred, poisson_nll(batch[MCV_COUNTS_KEY], mean_ng))
         return predictions
+
+    def expected_profiles(
+        self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], recons: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Each method's prediction of the expected preprocessed profile ``E[T(x)]`` (of x'' under MCV).
+
+        An expression model's is its reconstruction; a count model's is sampled from its predictive distribution
+        (seeded draws, so the same batch always gives the same prediction), not ``T`` of its mean.
+        """
+        if not self.count_loss:
+            return recons
+        stream = int(batch[INDEX_KEY][0]) if len(batch[INDEX_KEY]) else 0
+        params = count_parameters(out, batch)
+        return {**recons, "model": self.predictive.expected_view(params, batch.get(SIZE_FACTOR_KEY), stream=stream)}
 
     def _score_held_out_molecules(
         self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], recons: dict[str, torch.Tensor], stage: str
@@ -492,6 +511,8 @@ class AutoencoderModule(pl.LightningModule):
             names |= {"dispersion_pearson", "dispersion_spearman"}
         if self.data is not None and self.data.has_truth:
             names |= {EXTRA_SCORES["truth"].format(n) for n in per_cell}
+        if self.data is not None and self.data.has_expected_truth:
+            names |= {EXTRA_SCORES["expected_truth"].format(n) for n in per_cell}
         if self.mask_fraction > 0:
             names |= {EXTRA_SCORES["masked"].format(n) for n in per_cell}
         if self.mcv is not None:
