@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from exprae.constants import (
-    EXPECTED_TRUTH_KEY,
+    EXPECTED_TRUTHS,
     LIBRARY_KEY,
     MCV_COUNTS_KEY,
     MCV_TARGET_KEY,
@@ -50,7 +50,7 @@ from exprae.data.mcv import MoleculeSplit
 from exprae.data.preprocessing import Preprocessing
 from exprae.data.split import split_cells
 from exprae.data.training_data import TrainingData
-from exprae.data.truth import expected_truth
+from exprae.data.truth import expected_truths
 from exprae.errors import ConfigError, DataError, MissingKeyError
 
 # Where the datamodule keeps a separate target (gene-subset, per split by slicing) and its per-cell scalars.
@@ -59,7 +59,7 @@ LIBRARY_OBS = "exprae_library_size"
 SIZE_FACTOR_OBS = "exprae_size_factor"
 # data.mcv: the held-out molecules x'' (preprocessed like the input; raw counts on the kept genes), scoring only.
 MCV_LAYERS = {MCV_TARGET_KEY: "exprae_mcv_target", MCV_COUNTS_KEY: "exprae_mcv_counts"}
-SCORED_LAYERS = {**MCV_LAYERS, EXPECTED_TRUTH_KEY: EXPECTED_TRUTH_KEY}  # served with validation/test cells only
+SCORED_LAYERS = {**MCV_LAYERS, **{key: key for key in EXPECTED_TRUTHS.values()}}  # validation/test cells only
 MIN_HELD_OUT = 10  # fewer validation or test cells than this gets a warning: their mean metric is mostly noise
 
 
@@ -224,12 +224,10 @@ class ExpressionDataModule(pl.LightningDataModule):
             truth_ng = full.layers[TRUTH_KEY] * (self.mcv.fraction if self.mcv.enabled else 1.0)
             truth = ad.AnnData(X=truth_ng, obs=adata.obs[[]], var=pd.DataFrame(index=adata.var_names))
             self.adata.layers[TRUTH_KEY] = self.preprocess.transform(truth).X
-            # E[T(x)] (of x'' under MCV), what the models and the MCV score estimate; needs the true dispersion.
-            held = np.concatenate([self.splits["val"], self.splits["test"]])  # the cells it is scored on
+            # E[T(x)] (of x'' under MCV), what the models and the MCV score estimate, on the scored cells.
+            held = np.concatenate([self.splits["val"], self.splits["test"]])
             depth = 1.0 - self.mcv.fraction if self.mcv.enabled else 1.0
-            expected = expected_truth(full, self.preprocess, rows=held, depth=depth)
-            if expected is not None:
-                self.adata.layers[EXPECTED_TRUTH_KEY] = expected
+            self.adata.layers.update(expected_truths(full, self.preprocess, rows=held, depth=depth))
         if self.label_key is not None:
             labels = pd.Categorical(self.adata.obs[self.label_key])
             self.label_categories = [str(c) for c in labels.categories]
@@ -563,7 +561,7 @@ class ExpressionDataModule(pl.LightningDataModule):
             mcv=self.mcv if self.mcv.enabled else None,
             has_labels=self.label_key is not None,
             has_truth=TRUTH_KEY in self.adata.layers,
-            has_expected_truth=EXPECTED_TRUTH_KEY in self.adata.layers,
+            expected_truths=tuple(name for name, key in EXPECTED_TRUTHS.items() if key in self.adata.layers),
             split_obs_names={split: obs_names[rows] for split, rows in self.splits.items()},
         )
 

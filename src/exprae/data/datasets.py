@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from exprae.constants import TRUTH_KEY
+from exprae.constants import RATE_KEY, TRUTH_KEY
 from exprae.errors import ConfigError
 
 BUILTIN = ("pbmc68k", "synthetic")
@@ -30,9 +30,14 @@ def _proportions(logits_ng: np.ndarray) -> np.ndarray:
     return rho_ng
 
 
+def _gamma_rate(rng: np.random.Generator, mean_ng: np.ndarray, theta_g: np.ndarray) -> np.ndarray:
+    """Each entry's Poisson rate under NB(mean, theta): Gamma(shape=theta, scale=mean/theta), mean ``mean_ng``."""
+    return rng.gamma(theta_g, mean_ng / theta_g)
+
+
 def _negative_binomial(rng: np.random.Generator, mean_ng: np.ndarray, theta_g: np.ndarray) -> np.ndarray:
     """Counts drawn from NB(mean, theta), as Poisson(Gamma(shape=theta, scale=mean/theta)), as float32."""
-    return rng.poisson(rng.gamma(theta_g, mean_ng / theta_g)).astype(np.float32)
+    return rng.poisson(_gamma_rate(rng, mean_ng, theta_g)).astype(np.float32)
 
 
 def synthetic_counts(
@@ -57,7 +62,9 @@ def synthetic_counts(
     drawn as a Gamma–Poisson mixture, with per-gene dispersions around ``dispersion`` (stored in
     ``var["true_dispersion"]``); ``dropout`` zeroes a further fraction of entries at random. The counts are
     ``X`` and also ``layers["counts"]`` (the same matrix). The NB mean before sampling is kept in
-    ``layers["true_mean"]`` (set ``store_truth=False`` at atlas scale).
+    ``layers["true_mean"]``, and each entry's Poisson rate (the gamma draw: the mean times its overdispersion
+    noise) in ``layers["true_rate"]``, the truth molecular cross-validation measures (exprae.data.truth); set
+    ``store_truth=False`` at atlas scale.
     """
     if n_cells < 1 or n_genes < 1 or n_types < 1:
         raise ConfigError(f"synthetic data needs positive sizes, got cells={n_cells} genes={n_genes} types={n_types}")
@@ -80,7 +87,8 @@ def synthetic_counts(
     library_n = np.exp(rng.normal(np.log(library_mean), library_spread, size=n_cells))
     mean_ng = (rho_ng * library_n[:, None]).astype(np.float32)
     theta_g = dispersion * np.exp(rng.normal(0.0, 0.3, size=n_genes))
-    counts_ng = _negative_binomial(rng, mean_ng, theta_g)
+    rate_ng = _gamma_rate(rng, mean_ng, theta_g)  # drawn apart from the counts (same draws) to be kept as a truth
+    counts_ng = rng.poisson(rate_ng).astype(np.float32)
     if dropout > 0:
         counts_ng[rng.random(counts_ng.shape) < dropout] = 0.0
     adata = ad.AnnData(
@@ -96,6 +104,7 @@ def synthetic_counts(
     adata.layers["counts"] = adata.X
     if store_truth:
         adata.layers[TRUTH_KEY] = mean_ng
+        adata.layers[RATE_KEY] = rate_ng.astype(np.float32)
     adata.uns["synthetic"] = {
         "seed": seed,
         "structure": structure,

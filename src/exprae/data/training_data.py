@@ -42,6 +42,7 @@ class TrainingData:
     mcv: MoleculeSplit | None = None  # data.mcv: validation/test cells are also scored against held-out molecules
     has_labels: bool = False  # batches carry LABEL_KEY: kNN label accuracy (and, with covariates, cLISI, silhouettes)
     has_truth: bool = False  # batches carry TRUTH_KEY: every reconstruction is also scored against the truth
-    has_expected_truth: bool = False  # validation/test batches carry EXPECTED_TRUTH_KEY, E[T(x)] (exprae.data.truth)
+    # Which expected truths E[T(x)] validation/test batches carry (exprae.data.truth), by EXTRA_SCORES key.
+    expected_truths: tuple[str, ...] = ()
     # obs_names of each split's cells in the order batches index them (INDEX_KEY), for per-cell tables.
     split_obs_names: Mapping[str, np.ndarray] = field(default_factory=dict)

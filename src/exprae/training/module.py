@@ -12,7 +12,7 @@ from torch import nn
 
 from exprae.constants import (
     BATCH_KEY,
-    EXPECTED_TRUTH_KEY,
+    EXPECTED_TRUTHS,
     EXTRA_SCORES,
     INDEX_KEY,
     LABEL_KEY,
@@ -75,9 +75,10 @@ class AutoencoderModule(pl.LightningModule):
     per-gene dispersions (on the log scale).
 
     When batches carry the noise-free truth (synthetic ``true_mean``) every scored reconstruction also gets
-    ``{cosine,pearson,mse,...}_to_truth`` against it, and where the data knows the dispersion too, each method's
-    prediction of the expected preprocessed profile (:meth:`expected_profiles`) gets
-    ``{...}_to_expected_truth`` against ``E[T(x)]`` (:mod:`exprae.data.truth`); with ``mask_fraction > 0`` also
+    ``{cosine,pearson,mse,...}_to_truth`` against it, and each method's prediction of the expected preprocessed
+    profile (:meth:`expected_profiles`) gets ``{...}_to_expected_truth`` against ``E[T(x)]`` given the NB mean and
+    dispersion and ``{...}_to_rate_truth`` given each entry's Poisson rate (:mod:`exprae.data.truth`), where the data
+    holds them; with ``mask_fraction > 0`` also
     ``masked_{cosine,pearson,mse,...}`` on entries hidden from the encoder (:mod:`exprae.scoring.masking`:
     drawn over ``mask_entries``, the input re-normalised without them and filled per ``mask_fill``; PCA imputes
     by least squares on the observed entries).
@@ -319,9 +320,11 @@ class AutoencoderModule(pl.LightningModule):
         if TRUTH_KEY in batch:
             for who, recon in recons.items():
                 self.metrics[f"{stage}_{who}_truth"].update(recon, batch[TRUTH_KEY])
-        if EXPECTED_TRUTH_KEY in batch:
+        truths = {extra: batch[key] for extra, key in EXPECTED_TRUTHS.items() if key in batch}
+        if truths:
             for who, pred in self.expected_profiles(out, batch, recons).items():
-                self.metrics[f"{stage}_{who}_expected_truth"].update(pred, batch[EXPECTED_TRUTH_KEY])
+                for extra, truth in truths.items():
+                    self.metrics[f"{stage}_{who}_{extra}"].update(pred, truth)
         if self.mcv is not None and MCV_TARGET_KEY in batch:
             self._score_held_out_molecules(out, batch, recons, stage)
         if self.mask_fraction > 0:
@@ -511,8 +514,8 @@ class AutoencoderModule(pl.LightningModule):
             names |= {"dispersion_pearson", "dispersion_spearman"}
         if self.data is not None and self.data.has_truth:
             names |= {EXTRA_SCORES["truth"].format(n) for n in per_cell}
-        if self.data is not None and self.data.has_expected_truth:
-            names |= {EXTRA_SCORES["expected_truth"].format(n) for n in per_cell}
+        for extra in self.data.expected_truths if self.data is not None else ():
+            names |= {EXTRA_SCORES[extra].format(n) for n in per_cell}
         if self.mask_fraction > 0:
             names |= {EXTRA_SCORES["masked"].format(n) for n in per_cell}
         if self.mcv is not None:
