@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from scipy.stats import spearmanr
 
 from exprae.data.datasets import synthetic_counts
 
@@ -61,14 +62,22 @@ def test_scvi_side_by_side_on_small_counts(tmp_path):
 
 @pytest.mark.slow
 def test_mcv_ranks_like_the_truth_on_a_reduced_grid(tmp_path):
-    """Too small, right and too large latent sizes of PCA and a trained model: MCV orders them as the truth does."""
+    """Too small, right and too large latent sizes of PCA and a trained model: MCV orders them as the truth it
+    estimates does (docs/mcv.md: 1.00 within each method on the full grid)."""
     cmd = [sys.executable, str(SCRIPTS / "mcv_vs_truth.py"), "--out", str(tmp_path / "o"), "--latents", "1", "6", "60"]
     cmd += ["--losses", "mse", "--cells", "500", "--genes", "150", "--epochs", "4"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     table = pd.read_csv(tmp_path / "o" / "results.csv")
     assert len(table) == 6
-    # Both ranks agree on which size is best for each method, and the too-large PCA is worse than the right one.
+    # MCV is minimised by the expected held-out profile given each entry's Poisson rate: for each method it picks
+    # the size closest to that truth, and it ranks all rows at least as the plain truth T(mean) does. (Measured:
+    # 6 best for both methods; MCV's lead over 60 is the narrowest, 0.006 for PCA, against 0.02 on the rate truth;
+    # the runs are seeded, so this is one fixed grid, not a draw.)
     for _, rows in table.groupby("method"):
-        assert rows.loc[rows.mcv_mse.idxmin(), "latent_dim"] == rows.loc[rows.mse_to_truth.idxmin(), "latent_dim"]
-    assert "Spearman rho" in (tmp_path / "o" / "summary.md").read_text()
+        best = rows.loc[rows.mcv_mse.idxmin(), "latent_dim"]
+        assert best == rows.loc[rows.mse_to_rate_truth.idxmin(), "latent_dim"]
+    rho = {col: spearmanr(table.mcv_mse, table[col]).statistic for col in ("mse_to_truth", "mse_to_rate_truth")}
+    assert rho["mse_to_rate_truth"] >= rho["mse_to_truth"] and rho["mse_to_rate_truth"] > 0.9
+    summary = (tmp_path / "o" / "summary.md").read_text()
+    assert summary.count("Spearman rho") == 3 and "mse_to_expected_truth" in summary

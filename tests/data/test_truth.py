@@ -3,18 +3,17 @@ quantity the MCV score's expectation is minimised by."""
 
 from __future__ import annotations
 
-import anndata as ad
 import hydra
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
 
-from exprae.constants import EXPECTED_TRUTH_KEY, MCV_TARGET_KEY, TRUTH_KEY
+from exprae.constants import EXPECTED_TRUTH_KEY, MCV_TARGET_KEY, RATE_KEY, RATE_TRUTH_KEY, TRUTH_KEY
 from exprae.data import Preprocessing
 from exprae.data.datamodule import MCV_LAYERS
 from exprae.data.datasets import synthetic_counts
-from exprae.data.truth import expected_profile, expected_truth
+from exprae.data.truth import expected_profile, expected_truths
 
 GENES = pd.Index(["g0", "g1", "g2", "g3"])
 MEAN_NG = np.array([[0.2, 1.0, 5.0, 20.0], [3.0, 0.05, 0.7, 2.0]])
@@ -106,41 +105,87 @@ def test_jensen_puts_the_expected_log1p_below_the_log1p_of_the_mean():
     assert np.log1p(5.0) - got.mean_ng[0, 2] > 0.5 and np.log1p(20.0) - got.mean_ng[0, 3] < 0.05
 
 
-def test_expected_truth_reads_the_generators_parameters_and_fills_only_the_asked_rows():
+def test_expected_truths_read_the_generators_parameters_and_fill_only_the_asked_rows():
     adata = synthetic_counts(30, 12, seed=1)
     pre = _fitted(log1p=True)
     pre.genes = list(adata.var_names)
     rows = np.array([2, 5, 11])
-    got = expected_truth(adata, pre, rows=rows, depth=0.5, n_samples=8, seed=4)
-    direct = expected_profile(
-        0.5 * np.asarray(adata.layers[TRUTH_KEY][rows], dtype=np.float64),
-        adata.var["true_dispersion"].to_numpy(),
-        pre,
-        var_names=adata.var_names,
-        n_samples=8,
-        seed=4,
-    )
-    np.testing.assert_array_equal(got[rows], direct.mean_ng)
-    others = np.setdiff1d(np.arange(30), rows)
-    assert np.isnan(got[others]).all()
-    del adata.var["true_dispersion"]  # without the dispersion there is nothing to sample from
-    assert expected_truth(adata, pre) is None
+    got = expected_truths(adata, pre, rows=rows, depth=0.5, n_samples=8, seed=4)
+    assert set(got) == {EXPECTED_TRUTH_KEY, RATE_TRUTH_KEY}
+    for key, layer, theta_g in [
+        (EXPECTED_TRUTH_KEY, TRUTH_KEY, adata.var["true_dispersion"].to_numpy()),
+        (RATE_TRUTH_KEY, RATE_KEY, np.full(12, np.inf)),  # given the rate the counts are Poisson
+    ]:
+        direct = expected_profile(
+            0.5 * np.asarray(adata.layers[layer][rows], dtype=np.float64),
+            theta_g,
+            pre,
+            var_names=adata.var_names,
+            n_samples=8,
+            seed=4,
+        )
+        np.testing.assert_array_equal(got[key][rows], direct.mean_ng)
+        assert np.isnan(got[key][np.setdiff1d(np.arange(30), rows)]).all()
+    del adata.var["true_dispersion"], adata.layers[RATE_KEY]  # nothing left to sample from
+    assert expected_truths(adata, pre) == {}
 
 
-def test_the_expected_truth_scores_better_under_mcv_than_the_plain_truth(compose_cfg):
-    """On the datamodule's own synthetic MCV data: the perfect predictor of E[T(x'')], the expected truth itself,
-    has a lower MCV score (MSE to the held-out T(x'')) than the plain truth T(E[x'']), on the scored cells."""
-    cfg = compose_cfg(
-        "data=synthetic", "data.synthetic.n_cells=400", "data.synthetic.n_genes=150", "data.mcv.fraction=0.5"
+def test_the_generator_keeps_the_rate_its_counts_were_drawn_from():
+    """Given the kept rate the counts are Poisson (standardised squared residual 1); given the NB mean they are
+    overdispersed (1 + mean / theta: 18 on average here, where many means are far above theta ~5)."""
+    adata = synthetic_counts(200, 50, seed=0)
+    rate_ng, mean_ng = adata.layers[RATE_KEY], adata.layers[TRUTH_KEY]
+    assert rate_ng.shape == (200, 50) and (rate_ng >= 0).all()
+    counts_ng = adata.X.toarray()
+    scored = rate_ng > 1  # a Poisson's (x - λ)² / λ has variance 2 + 1 / λ: tiny rates would dominate the mean
+    z2_rate = ((counts_ng - rate_ng) ** 2 / rate_ng)[scored]
+    assert z2_rate.mean() == pytest.approx(1.0, abs=0.1)  # ~9,000 entries: sd of the mean ~0.015
+    z2_mean = ((counts_ng - mean_ng) ** 2 / mean_ng)[mean_ng > 1]
+    assert z2_mean.mean() > 2.0
+
+
+@pytest.fixture(scope="module")
+def mcv_layers(tmp_path_factory):
+    """The datamodule's own synthetic MCV data: the held-out T(x'') and the three truths on the scored cells."""
+    from exprae.train import compose
+
+    cfg = compose(
+        ["data=synthetic", "data.synthetic.n_cells=400", "data.synthetic.n_genes=150", "data.mcv.fraction=0.5"],
+        tmp_path_factory.mktemp("truth"),
     )
     dm = hydra.utils.instantiate(cfg.data)
     dm.setup()
     held = np.concatenate([dm.splits["val"], dm.splits["test"]])
-    layers = dm.adata.layers
-    target_ng, expected_ng, plain_ng = (
-        _dense(layers[key][held]) for key in (MCV_LAYERS[MCV_TARGET_KEY], EXPECTED_TRUTH_KEY, TRUTH_KEY)
-    )
-    gain_n = ((plain_ng - target_ng) ** 2).mean(1) - ((expected_ng - target_ng) ** 2).mean(1)
-    # Per cell the noise of T(x'') dominates; the mean gain is positive by many of its standard errors.
+    keys = {
+        "target": MCV_LAYERS[MCV_TARGET_KEY],
+        "plain": TRUTH_KEY,
+        "mean": EXPECTED_TRUTH_KEY,
+        "rate": RATE_TRUTH_KEY,
+    }
+    layers = {name: _dense(dm.adata.layers[key][held]) for name, key in keys.items()}
+    assert np.isnan(dm.adata.layers[EXPECTED_TRUTH_KEY][dm.splits["train"]]).all()  # sampled for scored cells only
+    return dm, layers
+
+
+def test_the_datamodule_samples_the_held_out_half_through_its_fitted_preprocessing(mcv_layers):
+    """Under MCV the truths are of x'', drawn at (1 - p) times the mean or rate, through the run's preprocessing."""
+    dm, layers = mcv_layers
+    held = np.concatenate([dm.splits["val"], dm.splits["test"]])
+    direct = expected_truths(dm.load_raw(), dm.preprocess, rows=held, depth=0.5)
+    np.testing.assert_array_equal(layers["mean"], direct[EXPECTED_TRUTH_KEY][held])
+    np.testing.assert_array_equal(layers["rate"], direct[RATE_TRUTH_KEY][held])
+
+
+def _mcv_gain(layers: dict[str, np.ndarray], worse: str, better: str) -> np.ndarray:
+    """Per cell, the MCV score (MSE to the held-out T(x'')) of predicting ``worse`` minus that of ``better``."""
+    target = layers["target"]
+    return ((layers[worse] - target) ** 2).mean(1) - ((layers[better] - target) ** 2).mean(1)
+
+
+@pytest.mark.parametrize(("worse", "better"), [("plain", "mean"), ("mean", "rate")])
+def test_the_truth_mcv_measures_scores_best_under_mcv(mcv_layers, worse, better):
+    """The perfect predictor of E[T(x'')] has a lower MCV score than the plain truth T(E[x'']); and given each
+    entry's Poisson rate (which x' and x'' share) lower still: MCV's expectation is minimised by E[T(x'') | λ]."""
+    gain_n = _mcv_gain(mcv_layers[1], worse, better)
+    # Per cell the noise of T(x'') dominates; the mean gain is positive by several of its standard errors.
     assert gain_n.mean() > 4 * gain_n.std(ddof=1) / np.sqrt(len(gain_n))
-    assert np.isnan(layers[EXPECTED_TRUTH_KEY][dm.splits["train"]]).all()  # sampled for the scored cells only

@@ -11,9 +11,10 @@ import pytest
 import torch
 from scipy.stats import poisson
 
-from exprae.constants import MCV_COUNTS_KEY, MCV_TARGET_KEY
+from exprae.constants import INDEX_KEY, MCV_COUNTS_KEY, MCV_TARGET_KEY, SIZE_FACTOR_KEY, X_KEY
 from exprae.data.mcv import MoleculeSplit
 from exprae.data.preprocessing import Preprocessing
+from exprae.nn.count_head import count_parameters
 from exprae.scoring.mcv import MCVScorer, poisson_nll
 from exprae.train import train
 
@@ -172,3 +173,29 @@ def test_scores_follow_the_batch_to_its_device():
     moved = s._view_on(torch.device("meta"))
     assert moved is s.view and s.view.scale_mean_g.device.type == "meta"
     assert s._view_on(torch.device("meta")) is moved  # already there: not moved again
+
+
+@pytest.mark.parametrize("mcv", [True, False], ids=["molecule-split", "no-split"])
+def test_a_count_model_is_scored_against_the_expected_truth_with_its_sampled_expectation(compose_cfg, mcv):
+    """Against E[T(x)] a count model predicts with its predictive draws (at x'''s depth, or x's without MCV), as
+    for MCV, not with T of its mean; the scores of every method land under *_to_expected_truth and *_to_rate_truth."""
+    from exprae.train import build
+
+    cfg = compose_cfg("data=synthetic", "loss=nb", *(MCV if mcv else []), *SMALL)
+    datamodule, module = build(cfg)
+    assert module.data.expected_truths == ("expected_truth", "rate_truth")
+    assert module.predictive.depth_ratio == 1.0 and (module.predictive is module.mcv) == mcv
+    module.prepare_start()
+    batch = datamodule.split_dataset("test")[np.arange(40)]
+    with torch.no_grad():
+        out = module(batch[X_KEY])
+        recons = {"model": module.reconstruct(out, batch), "pca": batch[X_KEY]}
+        preds = module.expected_profiles(out, batch, recons)
+        sampled = module.predictive.expected_view(
+            count_parameters(out, batch), batch.get(SIZE_FACTOR_KEY), stream=int(batch[INDEX_KEY][0])
+        )
+    torch.testing.assert_close(preds["model"], sampled)
+    assert preds["pca"] is recons["pca"]  # an expression prediction is its reconstruction
+    assert (preds["model"] - recons["model"]).abs().mean() > 0.05  # T of the mean is another prediction
+    names = module.metric_names("test")
+    assert {"test/mse_to_expected_truth", "test/cosine_to_rate_truth", "test/mse_to_truth"} <= names
