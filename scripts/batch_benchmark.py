@@ -76,7 +76,9 @@ def semisynthetic(path: Path, *, seed: int, effect_sd: float, n_cells: int | Non
     return out[np.argsort(order)].copy()  # back to the file's cell order
 
 
-def train_exprae(data: Path, out_dir: Path, *, batch_key: str | None, label_key: str | None, args: Any) -> Path:
+def train_exprae(
+    data: Path, out_dir: Path, *, batch_key: str | None, label_key: str | None, seed: int, args: Any
+) -> Path:
     """One exprae run composed from the real configs (default h5ad preprocessing); returns its run directory."""
     from exprae.train import compose, train
 
@@ -86,7 +88,8 @@ def train_exprae(data: Path, out_dir: Path, *, batch_key: str | None, label_key:
         f"data.preprocess.n_top_genes={args.n_top_genes}",
         f"model.latent_dim={args.latent}",
         f"trainer.max_epochs={args.epochs}",
-        f"seed={args.seed}",
+        f"callbacks.early_stopping.patience={args.patience}",
+        f"seed={seed}",
         "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
@@ -117,6 +120,12 @@ def score_latents(
     return {who: integration_scores(torch.as_tensor(z), batch, labels, k=k) for who, z in latents.items()}
 
 
+def ended(metrics: dict) -> str:
+    """How an exprae run ended, shortly: early stopping or the epoch cap, after how many epochs, its best epoch."""
+    how = "early stop" if str(metrics.get("stopped", "")).startswith("early stopping") else "cap"
+    return f"{how} after {metrics.get('epochs_trained')} (best {metrics.get('best_epoch')})"
+
+
 def exprae_rows(runs: dict[str, Path], adata: ad.AnnData, batch_key: str, label_key: str | None, *, k: int) -> dict:
     """Test-cell scores of both exprae runs and of the covariate run's PCA and per-batch PCA baselines."""
     rows = {}
@@ -124,7 +133,8 @@ def exprae_rows(runs: dict[str, Path], adata: ad.AnnData, batch_key: str, label_
         test = adata[test_cells(run_dir)].copy()
         model = exprae.load(run_dir, device="cpu")
         exprae.embed(model, test)
-        metrics = json.loads((run_dir / "metrics.json").read_text())["test"]
+        run_metrics = json.loads((run_dir / "metrics.json").read_text())
+        metrics = run_metrics["test"]
         latents = {name: test.obsm["X_exprae"]}
         cosine = {name: metrics["model"]["cosine"]}
         if model.batch_categories:  # the covariate run also carries both PCA baselines, fitted on the same cells
@@ -137,11 +147,18 @@ def exprae_rows(runs: dict[str, Path], adata: ad.AnnData, batch_key: str, label_
             cosine.update({"PCA": metrics["pca"]["cosine"], "per-batch PCA": metrics["batch_pca"]["cosine"]})
         for who, scores in score_latents(latents, test.obs, batch_key, label_key, k=k).items():
             rows[who] = {"cosine": cosine[who], **scores}
+        rows[name]["ended"] = ended(run_metrics)
     return rows
 
 
-def scvi_row(adata: ad.AnnData, run_dir: Path, batch_key: str, label_key: str | None, args: Any) -> dict | None:
-    """scVI with ``batch_key`` on the covariate run's training cells and genes; the same test-cell scores."""
+def scvi_row(
+    adata: ad.AnnData, run_dir: Path, batch_key: str, label_key: str | None, *, seed: int, args: Any
+) -> dict | None:
+    """scVI with ``batch_key`` on the covariate run's training cells and genes; the same test-cell scores.
+
+    scVI early-stops on the run's own validation cells (``external_indexing``: exprae's train/val split), so both
+    methods stop on the same cells and neither sees a test cell before it is scored.
+    """
     try:
         import scvi
     except ImportError:
@@ -150,32 +167,47 @@ def scvi_row(adata: ad.AnnData, run_dir: Path, batch_key: str, label_key: str | 
     model_ae = exprae.load(run_dir, device="cpu")
     genes = model_ae.var_names
     split = pd.read_csv(run_dir / "split.csv")
-    train_names = split.loc[split["split"] == "train", "obs_name"].astype(str).to_numpy()
+    names = {part: split.loc[split["split"] == part, "obs_name"].astype(str).to_numpy() for part in ("train", "val")}
     test = adata[test_cells(run_dir)].copy()
-    scvi.settings.seed = args.seed
-    train_ad = adata[train_names, genes].copy()
-    scvi.model.SCVI.setup_anndata(train_ad, batch_key=batch_key)
-    vae = scvi.model.SCVI(train_ad, n_latent=args.latent)
+    scvi.settings.seed = seed
+    fit_ad = adata[np.concatenate([names["train"], names["val"]]), genes].copy()
+    scvi.model.SCVI.setup_anndata(fit_ad, batch_key=batch_key)
+    vae = scvi.model.SCVI(fit_ad, n_latent=args.latent)
+    n_train = len(names["train"])
     start = time.perf_counter()
-    vae.train(max_epochs=args.scvi_epochs, accelerator="cpu", enable_progress_bar=False)
+    vae.train(
+        max_epochs=args.scvi_epochs,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        early_stopping=True,
+        early_stopping_patience=args.scvi_patience,
+        datasplitter_kwargs={"external_indexing": [np.arange(n_train), np.arange(n_train, fit_ad.n_obs)]},
+    )
     wall = time.perf_counter() - start
+    elbo = vae.history["elbo_validation"]["elbo_validation"].to_numpy()
+    epochs, best = len(elbo), int(np.argmin(elbo)) + 1
     test_ad = adata[test.obs_names, genes].copy()
     z = vae.get_latent_representation(test_ad)
-    # scVI's posterior mean expression in exprae's input space: proportions over the HVGs x the cell's HVG
-    # counts, normalised like exprae's input (1e4 per cell over all genes), log1p.
-    rho = np.asarray(vae.get_normalized_expression(test_ad, library_size=1.0, return_numpy=True))
-    hvg_total = np.asarray(test_ad.X.sum(1)).ravel()
-    all_total = np.asarray(adata[test.obs_names].X.sum(1)).ravel()
-    expected = np.log1p(rho * (hvg_total * 1e4 / np.maximum(all_total, 1))[:, None])
+    # exprae's input is log1p(counts x 1e4 / the cell's total over all genes) on the HVGs. The same map is applied
+    # to scVI's posterior-predictive count draws at the cell's own depth and averaged (E[T(c)], as
+    # scripts/scvi_side_by_side.py scores scVI), so scVI is scored in the space exprae reconstructs.
+    scale_n = 1e4 / np.maximum(np.asarray(adata[test.obs_names].X.sum(1)).ravel(), 1)
+    draws = vae.posterior_predictive_sample(test_ad, n_samples=args.scvi_samples)
+    draws = np.asarray(draws.todense() if hasattr(draws, "todense") else draws, dtype=np.float32)
+    draws = draws if draws.ndim == 3 else draws[..., None]
+    expected = np.log1p(draws * scale_n[:, None, None]).mean(-1)
     x_in = model_ae.transform(test).X
     x_in = x_in.toarray() if sp.issparse(x_in) else np.asarray(x_in)
     cosine = float(per_cell_metrics(torch.as_tensor(expected).float(), torch.as_tensor(x_in).float())["cosine"].mean())
     scores = score_latents({"scVI": z}, test.obs, batch_key, label_key, k=args.k)["scVI"]
-    return {"cosine": cosine, **scores, "wall_s": wall}
+    how = "early stop" if epochs < args.scvi_epochs else "cap"
+    return {"cosine": cosine, **scores, "wall_s": wall, "ended": f"{how} after {epochs} (best {best})"}
 
 
-def run_dataset(name: str, adata: ad.AnnData, batch_key: str, label_key: str | None, out: Path, args: Any) -> dict:
-    """Every method on one dataset; returns the rows of the table."""
+def run_dataset(
+    name: str, adata: ad.AnnData, batch_key: str, label_key: str | None, out: Path, *, seed: int, args: Any
+) -> dict:
+    """Every method on one dataset with one training seed; returns the rows of the table (method -> scores)."""
     folder = out / name
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "data.h5ad"
@@ -183,38 +215,70 @@ def run_dataset(name: str, adata: ad.AnnData, batch_key: str, label_key: str | N
     runs, walls = {}, {}
     for method, key in (("exprae", None), ("exprae + batch_key", batch_key)):
         start = time.perf_counter()
-        run_dir = folder / method.replace(" + ", "_")
-        runs[method] = train_exprae(data, run_dir, batch_key=key, label_key=label_key, args=args)
+        run_dir = folder / f"{method.replace(' + ', '_')}_seed{seed}"
+        runs[method] = train_exprae(data, run_dir, batch_key=key, label_key=label_key, seed=seed, args=args)
         walls[method] = time.perf_counter() - start
     rows = exprae_rows(runs, adata, batch_key, label_key, k=args.k)
     for method, wall in walls.items():
         rows[method]["wall_s"] = wall
-    scvi = None if args.no_scvi else scvi_row(adata, runs["exprae + batch_key"], batch_key, label_key, args)
-    if scvi is not None:
-        rows["scVI + batch_key"] = scvi
+    if not args.no_scvi:
+        scvi = scvi_row(adata, runs["exprae + batch_key"], batch_key, label_key, seed=seed, args=args)
+        if scvi is not None:
+            rows["scVI + batch_key"] = scvi
     return rows
 
 
-def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
-    """A markdown table: one row per dataset and method."""
-    head = "| data | method | " + " | ".join(SCORES) + " | train wall s |"
-    lines = [head, "|" + " --- |" * (len(SCORES) + 3)]
+def summarise(by_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per method: each score's mean over the seeds (``<score>_sd``: their sd), how each seed ended, its rows."""
+    methods = dict.fromkeys(method for rows in by_seed.values() for method in rows)
+    summary = {}
+    for method in methods:
+        runs = {seed: rows[method] for seed, rows in by_seed.items() if method in rows}
+        row: dict[str, Any] = {"seeds": runs}
+        for score in (*SCORES, "wall_s"):
+            values = np.array([r[score] for r in runs.values() if score in r], dtype=float)
+            if len(values):
+                row[score] = float(values.mean())
+                row[f"{score}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+        if any("ended" in r for r in runs.values()):
+            row["ended"] = "; ".join(f"seed {seed}: {r['ended']}" for seed, r in runs.items() if "ended" in r)
+        summary[method] = row
+    return summary
+
+
+def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """A markdown table: one row per dataset and method, mean ± sd over the training seeds."""
+    head = "| data | method | " + " | ".join(SCORES) + " | train wall s | how training ended |"
+    lines = [head, "|" + " --- |" * (len(SCORES) + 4)]
     for dataset, rows in results.items():
         for method, row in rows.items():
-            cells = [f"{row[s]:.3f}" if s in row and np.isfinite(row[s]) else "–" for s in SCORES]
+            cells = [_mean_sd(row, s) for s in SCORES]
             wall = f"{row['wall_s']:.0f}" if "wall_s" in row else "(in the covariate run)"
-            lines.append(f"| {dataset} | {method} | " + " | ".join(cells) + f" | {wall} |")
+            lines.append(f"| {dataset} | {method} | " + " | ".join(cells) + f" | {wall} | {row.get('ended', '–')} |")
     return "\n".join(lines)
+
+
+def _mean_sd(row: dict[str, Any], score: str) -> str:
+    """``mean ± sd`` over seeds (the mean alone for one seed), or a dash where the score is undefined."""
+    if score not in row or not np.isfinite(row[score]):
+        return "–"
+    sd = row.get(f"{score}_sd", float("nan"))
+    return f"{row[score]:.3f}" + (f" ± {sd:.3f}" if np.isfinite(sd) else "")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/batches"))
-    parser.add_argument("--seed", type=int, default=0, help="model seed and scVI seed (split_seed stays 0)")
+    parser.add_argument(
+        "--seeds", default="0,1", help="training seeds of exprae and scVI, comma-separated (data.split_seed stays 0)"
+    )
     parser.add_argument("--effect-seed", type=int, default=0, help="seed of the halves and the batch effect")
     parser.add_argument("--effect-sd", type=float, default=0.5, help="sd of log f_g, the gene-wise batch factor")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--scvi-epochs", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=100, help="exprae's epoch cap (it early-stops before)")
+    parser.add_argument("--patience", type=int, default=10, help="exprae's early-stopping patience (epochs)")
+    parser.add_argument("--scvi-epochs", type=int, default=400, help="scVI's epoch cap (its heuristic's for 2k cells)")
+    parser.add_argument("--scvi-patience", type=int, default=45, help="scVI's early-stopping patience (its default)")
+    parser.add_argument("--scvi-samples", type=int, default=25, help="posterior-predictive draws per test cell")
     parser.add_argument("--latent", type=int, default=16)
     parser.add_argument("--n-top-genes", type=int, default=2000)
     parser.add_argument("--cells", type=int, default=None, help="subsample pbmc4k (smoke runs)")
@@ -222,20 +286,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=90, help="neighbours of the integration scores (scIB: 90)")
     parser.add_argument("--no-scvi", action="store_true", help="skip scVI even where it is installed")
     args = parser.parse_args(argv)
-    results = {}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    datasets = {
+        "pbmc4k + batch effect": ("pbmc4k", "pbmc4k_semisynthetic", "batch", "cell_type"),
+        "Kang ctrl/stim": ("kang", "kang", "condition", None),
+    }
     wanted = args.datasets.split(",")
-    if "pbmc4k" in wanted:
-        adata = semisynthetic(
-            REALDATA / "pbmc4k_soupx.h5ad", seed=args.effect_seed, effect_sd=args.effect_sd, n_cells=args.cells
-        )
-        results["pbmc4k + batch effect"] = run_dataset(
-            "pbmc4k_semisynthetic", adata, "batch", "cell_type", args.out, args
-        )
-        write_results(results, args)  # after each dataset, so a long run shows what it has
-    if "kang" in wanted:
-        adata = ad.read_h5ad(REALDATA / "kang2018_pbmc_ifnb_2k.h5ad")
-        results["Kang ctrl/stim"] = run_dataset("kang", adata, "condition", None, args.out, args)
-        write_results(results, args)
+    by_seed: dict[str, dict[int, dict]] = {}
+    # Seed by seed over both datasets: a run cut short still has a complete first seed.
+    for seed in seeds:
+        for title, (short, folder, batch_key, label_key) in datasets.items():
+            if short not in wanted:
+                continue
+            if short == "pbmc4k":
+                path = REALDATA / "pbmc4k_soupx.h5ad"
+                adata = semisynthetic(path, seed=args.effect_seed, effect_sd=args.effect_sd, n_cells=args.cells)
+            else:
+                adata = ad.read_h5ad(REALDATA / "kang2018_pbmc_ifnb_2k.h5ad")
+            rows = run_dataset(folder, adata, batch_key, label_key, args.out, seed=seed, args=args)
+            by_seed.setdefault(title, {})[seed] = rows
+            write_results(
+                {t: summarise(s) for t, s in by_seed.items()}, args
+            )  # after each, so a long run shows what it has
     return 0
 
 

@@ -28,7 +28,7 @@ from exprae.report.run_report import write_run_report
 from exprae.runs import lock as runguard
 from exprae.runs import rundir
 from exprae.runs.history import keep_logged_history
-from exprae.runs.resume import check_resume, resolve_ckpt_path
+from exprae.runs.resume import check_resume, recorded_levels, resolve_ckpt_path
 from exprae.runs.signals import stop_on_signals
 from exprae.scoring.heldout_quality import heldout_quality
 from exprae.scoring.metrics import PerBatchMetrics
@@ -100,16 +100,20 @@ def _instantiate_group(cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
 
 
-def build(cfg: DictConfig) -> tuple[ExpressionDataModule, AutoencoderModule]:
+def build(
+    cfg: DictConfig, *, recorded_levels: dict[str, list[str]] | None = None
+) -> tuple[ExpressionDataModule, AutoencoderModule]:
     """Instantiate the datamodule (set up, so the gene count is known) and the LightningModule from ``cfg``.
 
     The module receives what it reads from the data as one object (``datamodule.training_data()``), here.
+    ``recorded_levels``: a resumed run's covariate levels, which its cells are coded against by name.
     """
     loss = hydra.utils.instantiate(cfg.loss)
     # A count likelihood's target is raw counts, not the preprocessed input: the datamodule keeps them.
     datamodule: ExpressionDataModule = hydra.utils.instantiate(
         cfg.data, count_target=getattr(loss, "head", None) is not None
     )
+    datamodule.recorded_levels = recorded_levels
     datamodule.setup("fit")
     # Covariates (data.batch_key) size the network's one-hot inputs; the module names their levels in its logs.
     module = build_module(
@@ -357,7 +361,7 @@ def _stopped_message(signal_name: str, out_dir: Path) -> str:
 def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None, *, console: str) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule, module = build(cfg)
+    datamodule, module = build(cfg, recorded_levels=recorded_levels(ckpt_path, out_dir) if ckpt_path else None)
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     if not loggers:  # LearningRateMonitor refuses to run without a logger; with logger=none there is nothing to log to

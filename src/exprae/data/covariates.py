@@ -58,8 +58,22 @@ def _column(obs: pd.DataFrame, key: str, what: str) -> pd.Series:
     return column
 
 
-def encode(obs: pd.DataFrame, keys: Sequence[str], *, what: str) -> Covariates:
-    """Fix each key's levels from all cells and encode every cell; missing columns or NaN are errors."""
+def encode(
+    obs: pd.DataFrame, keys: Sequence[str], *, what: str, levels: Mapping[str, Sequence[str]] | None = None
+) -> Covariates:
+    """Fix each key's levels from all cells and encode every cell; missing columns or NaN are errors.
+
+    ``levels``: the levels a run already recorded (a resumed run). Cells are then coded against them by level
+    name, whatever the file's category order; a level not among them is an error listing the known ones.
+    """
+    if levels is not None:
+        if tuple(levels) != tuple(keys):
+            raise ConfigError(
+                f"{what}: this run was trained with data.batch_key={list(levels)} (its data_contract.json), now "
+                f"data.batch_key={list(keys) or None}; resume with the batch keys it was started with"
+            )
+        known = {key: [str(v) for v in values] for key, values in levels.items()}
+        return Covariates(tuple(keys), known, recode(obs, known, what=what, advice=_RESUMED))
     categories, codes = {}, []
     for key in keys:
         column = _column(obs, key, what)
@@ -73,10 +87,20 @@ def encode(obs: pd.DataFrame, keys: Sequence[str], *, what: str) -> Covariates:
     return Covariates(tuple(keys), categories, codes_nk)
 
 
-def recode(obs: pd.DataFrame, categories: Mapping[str, Sequence[str]], *, what: str) -> np.ndarray:
+_RELABEL = "Relabel those cells to a known level (e.g. the reference sample) to embed them"
+_RESUMED = (
+    "A resumed run keeps the levels it started with (the same code for the same name, whatever the file's "
+    "category order): rename the level back, or start a new run on this file"
+)
+
+
+def recode(
+    obs: pd.DataFrame, categories: Mapping[str, Sequence[str]], *, what: str, advice: str = _RELABEL
+) -> np.ndarray:
     """Codes (cells x keys) of new cells against the levels a model was trained with.
 
-    A level the model has never seen is an error that lists the known ones: the network has no input for it.
+    A level the model has never seen is an error that lists the known ones (then ``advice``): the network has
+    no input for it.
     """
     codes = []
     for key, levels in categories.items():
@@ -86,8 +110,7 @@ def recode(obs: pd.DataFrame, categories: Mapping[str, Sequence[str]], *, what: 
         if unknown:
             raise DataError(
                 f"obs column {key!r} of {what} has level(s) {unknown[:_SHOWN]} the model was not trained with; "
-                f"known levels: {list(levels)}. Relabel those cells to a known level (e.g. the reference sample) "
-                "to embed them"
+                f"known levels: {list(levels)}. {advice}"
             )
         codes.append(code_n.astype(np.int64))
     return np.stack(codes, axis=1) if codes else np.zeros((len(obs), 0), dtype=np.int64)

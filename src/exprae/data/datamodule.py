@@ -139,6 +139,7 @@ class ExpressionDataModule(pl.LightningDataModule):
         # Categorical covariates (exprae.data.covariates): encoded once on all cells at setup.
         self.batch_keys = batch_keys(batch_key)
         self.covariates: Covariates | None = None
+        self.recorded_levels: dict[str, list[str]] | None = None  # a resumed run's levels (its data contract)
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.synthetic = dict(synthetic or {})
         self.on_device = check_on_device(on_device)  # train/val batches made on the device: see device_data
@@ -277,8 +278,8 @@ class ExpressionDataModule(pl.LightningDataModule):
 
     def _encode_covariates(self, obs: pd.DataFrame, what: str) -> None:
         """Encode the ``data.batch_key`` columns of all cells (their levels fixed here, before any training)."""
-        if self.batch_keys:
-            self.covariates = encode(obs, self.batch_keys, what=what)
+        if self.batch_keys or self.recorded_levels:
+            self.covariates = encode(obs, self.batch_keys, what=what, levels=self.recorded_levels)
 
     def _setup_backed(self) -> None:
         """data.backed=true: obs in memory, matrix on disk; checks and preprocessing fit in one streaming pass."""

@@ -59,3 +59,16 @@ def check_resume(ckpt_path: str | Path, *, module: nn.Module, contract: dict[str
                 f"resuming {out_dir} with different genes than it was trained on ({len(before)} then, "
                 f"{len(contract['var_names'])} now; missing now: {gone[:5]}); use the same data and preprocessing"
             )
+
+
+def recorded_levels(ckpt_path: str | Path, out_dir: str | Path) -> dict[str, list[str]] | None:
+    """The covariate levels (``data.batch_key``) the resumed run recorded in its data contract; None without.
+
+    The checkpoint's own run directory is read first (its weights were trained with those codes), then
+    ``out_dir``.
+    """
+    for folder in (Path(ckpt_path).parent.parent, Path(out_dir)):
+        contract = folder / rundir.CONTRACT_FILE
+        if contract.is_file():
+            return rundir.read_json(contract).get("batch_categories") or None
+    return None
