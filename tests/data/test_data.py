@@ -76,7 +76,10 @@ def test_stratified_split_keeps_label_proportions(pbmc):
     split = split_cells(len(labels), val_fraction=0.2, test_fraction=0.2, seed=0, stratify=labels)
     overall = pbmc.obs["bulk_labels"].value_counts(normalize=True)
     val = pbmc.obs["bulk_labels"].iloc[split["val"]].value_counts(normalize=True)
-    assert (val.reindex(overall.index).fillna(0) - overall).abs().max() < 0.03
+    # Stratified: each label's validation count is within one cell of its share of 140 cells, so its proportion
+    # is within 1 / 140 of the overall one (measured 0.004; unstratified draws miss by 0.029 to 0.071 over split
+    # seeds 0-5, so the old bound of 0.03 let seed 2 pass without stratification).
+    assert (val.reindex(overall.index).fillna(0) - overall).abs().max() <= 1 / len(split["val"]) + 1e-12
 
 
 def test_sampler_covers_each_cell_once_per_epoch_and_shards_disjointly():

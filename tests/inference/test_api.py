@@ -46,8 +46,9 @@ def test_embed_writes_every_key_with_right_shapes(model, pbmc):
     settings = adata.uns["exprae"]
     assert settings["n_model_genes"] == 765 and settings["n_missing_genes"] == 0
     assert settings["layer"] == "X" and settings["latent_dim"] == 8
-    # A trained model beats the mean profile on most cells.
-    assert (adata.obs["exprae_cosine"] > adata.obs["exprae_meanprofile_cosine"]).mean() > 0.9
+    # A trained model beats the mean profile on nearly every cell: measured on all 700 at seeds 0, 1 and 2 (PCA-8
+    # alone does too; the mean profile's per-cell cosine on scaled X averages -0.02). 0.99 leaves 7 cells of slack.
+    assert (adata.obs["exprae_cosine"] > adata.obs["exprae_meanprofile_cosine"]).mean() >= 0.99
 
 
 def test_metrics_match_a_direct_computation(model, pbmc):

@@ -117,7 +117,10 @@ def test_triplet_aux_term_improves_latent_knn_accuracy_on_pbmc68k(compose_cfg):
         print(f"{stage}/knn_accuracy: without aux {before:.3f}, with triplet aux {after:.3f}")
         assert after > before, (stage, before, after)
         gains.append(after - before)
-    assert sum(gains) / 2 >= 0.03, gains  # measured: +0.033 (val) and +0.042 (test)
+    # Measured mean gain +0.0375 at seed 0 (+0.033 val, +0.042 test) and +0.031 at seed 1 (docs/losses.md). The
+    # runs without the term move by 0.005 (test) to 0.009 (val) between seeds 0 and 1: 0.02 is over twice that
+    # noise and below both measured gains (the old 0.03 sat on seed 1's gain).
+    assert sum(gains) / 2 >= 0.02, gains
     # The latent term does not cost reconstruction quality.
     assert with_aux["val"]["model"]["cosine"] >= plain["val"]["model"]["cosine"] - 0.01
 

@@ -114,8 +114,10 @@ def test_the_decoder_learns_from_the_covariate():
         loss = (net(x_ng, batch_n[:, None])["recon"] - x_ng).pow(2).mean()
         loss.backward()
         opt.step()
+    # Measured 0.33 x start (torch seeds 0, 1, 2: 0.325 to 0.330); a frozen or detached branch stays at 1.0.
     assert loss.item() < 0.8 * start
     z_nk = net.encode(x_ng)
     a = net.decode(z_nk, torch.zeros_like(batch_n)[:, None])
     b = net.decode(z_nk, torch.ones_like(batch_n)[:, None])
+    # 0.0 before training (the one-hot branch starts at zero); measured 0.60 to 0.93 after (torch seeds 0-2).
     assert (a - b).abs().mean() > 0.1

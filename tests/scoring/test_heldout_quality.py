@@ -37,7 +37,7 @@ def test_marker_preservation_hand_cases():
         x[labels == t, 10 * t : 10 * t + 3] += 5.0  # three clear markers per type
     assert marker_preservation(x, x, labels, n_markers=3) == 1.0
     shuffled = x[:, rng.permutation(30)]
-    assert marker_preservation(x, shuffled, labels, n_markers=3) < 0.3
+    assert marker_preservation(x, shuffled, labels, n_markers=3) < 0.3  # measured 0.07; chance is 3 / 30 = 0.1
 
 
 def test_knn_graph_preservation_hand_cases():
