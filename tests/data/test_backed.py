@@ -92,7 +92,7 @@ def test_backed_batches_equal_in_memory(small_h5ad):
     assert backed.contract()["preprocess"]["genes"] == mem.contract()["preprocess"]["genes"]
 
     def gather(dm, split, shuffle):
-        batches = list(dm._loader(split, shuffle=shuffle))
+        batches = list(dm.loader(split, shuffle=shuffle))
         idx = torch.cat([b[INDEX_KEY] for b in batches])
         order = idx.argsort()
         return (

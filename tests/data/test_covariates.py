@@ -78,7 +78,7 @@ def test_batches_carry_each_cells_codes(sample_file, backed):
     assert dm.contract()["batch_categories"] == {"sample": ["s1", "s2", "s3"], "chemistry": ["v2", "v3"]}
     expected = np.stack([obs["sample"].cat.codes, (obs["chemistry"] == "v3").astype(int)], axis=1)
     for split in ("train", "val"):
-        for batch in dm._loader(split, shuffle=split == "train"):
+        for batch in dm.loader(split, shuffle=split == "train"):
             rows = dm.splits[split][batch[INDEX_KEY].numpy()]
             np.testing.assert_array_equal(batch[BATCH_KEY].numpy(), expected[rows])
             assert batch[BATCH_KEY].dtype == torch.long

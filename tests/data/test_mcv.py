@@ -66,7 +66,7 @@ def _module(path, **kwargs) -> ExpressionDataModule:
 
 def _by_cell(dm: ExpressionDataModule, split: str, key: str) -> np.ndarray:
     """Every batch's ``key``, put back in split order by the batches' cell index."""
-    loader = dm._loader(split, shuffle=split == "train")
+    loader = dm.loader(split, shuffle=split == "train")
     parts = {int(i): row for batch in loader for i, row in zip(batch["index"], batch[key].numpy(), strict=True)}
     return np.stack([parts[i] for i in range(len(dm.splits[split]))])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from exprae.data.preprocessing import Preprocessing
 from exprae.errors import DataError, DataFileNotFoundError, MissingKeyError
 
 # ---------------------------------------------------------------- reading and checking
@@ -120,6 +122,11 @@ def matrix_is_none(what: str, *, layers: list[str]) -> DataError:
     return DataError(f"the AnnData's {what} is None (no matrix stored){hint}")
 
 
+def matrix_name(layer: str | None) -> str:
+    """The input matrix as messages name it: ``X``, ``raw`` or the layer."""
+    return "X" if layer in (None, "X") else layer
+
+
 def check_names(obs_names: pd.Index, var_names: pd.Index, *, what: str) -> None:
     """Refuse duplicated cell or gene names: genes are matched by name, and split.csv names cells."""
     for names, kind, fix in ((var_names, "gene", "var_names"), (obs_names, "cell", "obs_names")):
@@ -209,3 +216,51 @@ def _row_sums(x: np.ndarray | sp.spmatrix) -> np.ndarray:
 def _all_zero(x: np.ndarray | sp.spmatrix, *, axis: int) -> np.ndarray:
     """Rows (axis=1) or columns (axis=0) whose entries are all zero, explicit stored zeros included."""
     return np.asarray(abs(x).sum(axis=axis)).ravel() == 0
+
+
+# ---------------------------------------------------------------- the input as a whole
+
+
+def check_input(adata: ad.AnnData, *, nonnegative: bool, what: str) -> None:
+    """Refuse an empty matrix, duplicated names and bad values (:func:`check_matrix`) before anything is fitted."""
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise DataError(f"{what} is empty: {adata.n_obs} cells x {adata.n_vars} genes")
+    check_names(adata.obs_names, adata.var_names, what=what)
+    check_matrix(adata.X, obs_names=adata.obs_names, var_names=adata.var_names, nonnegative=nonnegative, what=what)
+
+
+def warn_empty_cells(adata: ad.AnnData, *, what: str, stacklevel: int = 2) -> None:
+    """Warn about cells whose profile is all zero: their cosine is defined as 0, which a user should know."""
+    empty = _all_zero(adata.X, axis=1)
+    if empty.any():
+        warnings.warn(
+            f"{what}: {int(empty.sum())} cells have all-zero profiles, e.g. {list(adata.obs_names[empty][:3])}; "
+            "their cosine is defined as 0, so the loss and metrics stay finite",
+            stacklevel=stacklevel + 1,
+        )
+
+
+def warn_silent_genes(
+    silent: pd.Index, preprocess: Preprocessing, *, n_genes: int, what: str, stacklevel: int = 3
+) -> None:
+    """Warn about genes zero in every cell that the model keeps, with advice that fits the gene selection.
+
+    Zero genes that highly-variable-gene selection drops cost nothing, so they are not mentioned.
+    """
+    kept = silent[silent.isin(preprocess.genes)]
+    if kept.empty:
+        return
+    n_top = preprocess.n_top_genes
+    if n_top is None:
+        advice = "keep highly variable genes with data.preprocess.n_top_genes=2000 (for example) or filter them out"
+    else:
+        advice = (
+            f"data.preprocess.n_top_genes={n_top} keeps them ({n_genes} genes present"
+            + (", so all are kept" if n_top >= n_genes else "; more are asked for than vary")
+            + "): lower n_top_genes or filter them out"
+        )
+    warnings.warn(
+        f"{what}: {len(kept)} genes are zero in every cell, e.g. {list(kept[:3])}; they carry no signal "
+        f"({advice}, e.g. sc.pp.filter_genes(adata, min_cells=1))",
+        stacklevel=stacklevel,
+    )

@@ -16,6 +16,7 @@ prefetch).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from exprae.constants import (
     TARGET_KEY,
     X_KEY,
 )
-from exprae.data.anndata_io import matrix_is_none
+from exprae.data.anndata_io import _all_zero, check_matrix, check_names, matrix_is_none, read_h5ad_header
 from exprae.data.mcv import MoleculeSplit
 from exprae.data.preprocessing import Preprocessing
 from exprae.data.streaming_stats import fit_streaming
@@ -233,6 +234,65 @@ class BackedCells:
         """Preprocessed cells as dense float32 tensors, ``chunk_size`` at a time, in file order."""
         for start in range(0, len(rows), chunk_size):
             yield torch.from_numpy(_dense(self.processed(rows[start : start + chunk_size])))
+
+
+def check_backed_settings(*, path: str | None, count_target: bool, target_layer: str | None, on_device: object) -> None:
+    """Refuse what streaming from disk cannot do: no file, a separate target, data pinned to the GPU."""
+    if path is None:
+        raise ConfigError("data.backed=true streams an .h5ad from disk: set data.path (and data.dataset=null)")
+    if count_target or target_layer is not None:
+        raise ConfigError(
+            "data.backed=true streams the input matrix only; count losses and data.target_layer need the "
+            "in-memory path (data.backed=false)"
+        )
+    if on_device is True:
+        raise ConfigError("data.on_device=true keeps the data on the GPU; it cannot be combined with data.backed=true")
+
+
+def open_backed(
+    path: str,
+    *,
+    layer: str | None,
+    preprocess: Preprocessing,
+    chunk_size: int,
+    mcv: MoleculeSplit,
+    source: str,
+) -> tuple[BackedCells, pd.DataFrame, str]:
+    """Open the file's matrix and read its obs; refuse a file whose rows, sizes or names do not fit.
+
+    Returns the cells, their obs and how messages name the matrix.
+    """
+    read_h5ad_header(path)
+    cells = BackedCells(path, layer=layer, preprocess=preprocess, chunk_size=chunk_size, mcv=mcv)
+    obs = read_obs(path)
+    what = f"{source} ({cells.matrix.key})"
+    if len(obs) != cells.n_obs:
+        raise DataError(f"{what} has {cells.n_obs} rows but obs describes {len(obs)} cells")
+    if cells.n_obs == 0 or len(cells.var_names) == 0:
+        raise DataError(f"{what} is empty: {cells.n_obs} cells x {len(cells.var_names)} genes")
+    check_names(obs.index, cells.var_names, what=what)
+    return cells, obs, what
+
+
+def fit_checked(
+    cells: BackedCells, train_rows: np.ndarray, *, obs: pd.DataFrame, nonnegative: bool, what: str, stacklevel: int = 2
+) -> None:
+    """One pass over the file: check every cell's values and fit the preprocessing on the training cells.
+
+    Warns (once, with the count) about cells whose profile is all zero, as the in-memory path does.
+    """
+    n_empty = 0
+
+    def check(x: Any, rows: np.ndarray) -> None:
+        nonlocal n_empty
+        check_matrix(x, obs_names=obs.index[rows], var_names=cells.var_names, nonnegative=nonnegative, what=what)
+        n_empty += int(_all_zero(x, axis=1).sum())
+
+    cells.fit(train_rows, check=check)
+    if n_empty:
+        warnings.warn(
+            f"{what}: {n_empty} cells have all-zero profiles; their cosine is defined as 0", stacklevel=stacklevel + 1
+        )
 
 
 def _dense(x: sp.spmatrix | np.ndarray) -> np.ndarray:

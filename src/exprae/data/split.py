@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-from exprae.errors import ConfigError, DataError
+from exprae.errors import ConfigError, DataError, MissingKeyError
+
+MIN_HELD_OUT = 10  # fewer validation or test cells than this gets a warning: their mean metric is mostly noise
 
 # ---------------------------------------------------------------- splitting
 
@@ -52,3 +55,54 @@ def split_cells(
         "test": np.sort(perm[n_val : n_val + n_test]),
         "train": np.sort(perm[n_val + n_test :]),
     }
+
+
+def split_obs(
+    obs: pd.DataFrame,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    stratify_key: str | None,
+    label_key: str | None,
+    what: str,
+    stacklevel: int = 2,
+) -> dict[str, np.ndarray]:
+    """Check the obs columns the split and the labels use, then split the cells (:func:`split_cells`).
+
+    Warns where missing stratification labels form a stratum of their own and where a held-out set is too small
+    for its mean metric to compare runs.
+    """
+    for key in (stratify_key, label_key):
+        if key is not None and key not in obs:
+            raise MissingKeyError(f"obs column {key!r} not found in {what}; available: {list(obs.columns)}")
+    if label_key is not None and obs[label_key].isna().all():
+        # Unlabelled cells are left out of the auxiliary loss, so an all-missing column would silently turn
+        # it off (and leave the kNN label accuracy undefined).
+        raise DataError(
+            f"obs column {label_key!r} of {what} (aux.label_key) has no labels: all {len(obs)} values are "
+            "missing (NaN/None); choose a column with labels, or drop the auxiliary loss (aux=none)"
+        )
+    if stratify_key is not None and obs[stratify_key].isna().any():
+        n_missing = int(obs[stratify_key].isna().sum())
+        warnings.warn(
+            f"{n_missing} cells of {what} have no {stratify_key!r} label (data.stratify_key); they are split "
+            "as one more stratum of their own",
+            stacklevel=stacklevel + 1,
+        )
+    splits = split_cells(
+        len(obs),
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        stratify=None if stratify_key is None else obs[stratify_key].to_numpy(),
+    )
+    small = {name: len(splits[name]) for name in ("val", "test") if len(splits[name]) < MIN_HELD_OUT}
+    if small:
+        warnings.warn(
+            f"{what}: only {', '.join(f'{n} {name}' for name, n in small.items())} cells; metrics averaged over "
+            f"fewer than {MIN_HELD_OUT} held-out cells are too noisy to compare runs (use more cells or larger "
+            "data.val_fraction / data.test_fraction)",
+            stacklevel=stacklevel + 1,
+        )
+    return splits
