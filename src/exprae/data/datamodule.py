@@ -1,10 +1,12 @@
 """The LightningDataModule: AnnData in, preprocessed and split, dict batches out.
 
-The datamodule orders the steps and answers Lightning's hooks; each step lives in its own module:
-reading and input checks (:mod:`~exprae.data.anndata_io`), the split (:mod:`~exprae.data.split`), covariates
-(:mod:`~exprae.data.covariates`), preprocessing fitted on training cells (:mod:`~exprae.data.preprocessing`),
-the targets, MCV's held-out molecules and the truth (:mod:`~exprae.data.targets`), streaming from disk
-(:mod:`~exprae.data.backed`) and the choice of loader (:mod:`~exprae.data.loaders`).
+The datamodule orders the steps and answers Lightning's hooks; each step lives in its own module: where the
+cells come from (:mod:`~exprae.data.source`), reading and input checks (:mod:`~exprae.data.anndata_io`), the
+split (:mod:`~exprae.data.split`), covariates (:mod:`~exprae.data.covariates`), preprocessing fitted on training
+cells (:mod:`~exprae.data.preprocessing`), the targets, MCV's held-out molecules and the truth
+(:mod:`~exprae.data.targets`), streaming from disk (:mod:`~exprae.data.backed`), each split's prepared cells
+and the module's hand-off (:mod:`~exprae.data.split_cells`), the choice of loader
+(:mod:`~exprae.data.loaders`) and the run records (:mod:`~exprae.data.records`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from exprae.constants import EXPECTED_TRUTHS, LIBRARY_KEY, TRUTH_KEY
 from exprae.data.anndata_io import (
     _all_zero,
     check_input,
@@ -350,25 +351,7 @@ class ExpressionDataModule(pl.LightningDataModule):
     def training_data(self) -> TrainingData:
         """What the LightningModule needs from this data, as one object (:mod:`exprae.data.training_data`)."""
         self._require_setup()
-        mean_log_library = None
-        if LIBRARY_OBS in self.adata.obs:  # count targets: computed as the module always did, in float32
-            library_n = self.split_dataset("train").per_cell[LIBRARY_KEY]
-            mean_log_library = float(library_n.clamp_min(1.0).log().mean())
-        true = self.adata.var.get("true_dispersion")
-        obs_names = np.asarray(self.adata.obs_names)
-        return TrainingData(
-            n_genes=self.n_genes,
-            train_chunks=self.train_chunks,
-            preprocess=self.preprocess,
-            train_labels=self.train_labels,
-            mean_log_library=mean_log_library,
-            true_dispersion_g=None if true is None else true.to_numpy(dtype=np.float64),
-            mcv=self.mcv if self.mcv.enabled else None,
-            has_labels=self.label_key is not None,
-            has_truth=TRUTH_KEY in self.adata.layers,
-            expected_truths=tuple(name for name, key in EXPECTED_TRUTHS.items() if key in self.adata.layers),
-            split_obs_names={split: obs_names[rows] for split, rows in self.splits.items()},
-        )
+        return self.cells.training_data(preprocess=self.preprocess, mcv=self.mcv if self.mcv.enabled else None)
 
     # -- what the run directory records
 

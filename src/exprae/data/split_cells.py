@@ -12,10 +12,13 @@ import anndata as ad
 import numpy as np
 import torch
 
-from exprae.constants import TARGET_KEY, TRUTH_KEY, X_KEY
+from exprae.constants import EXPECTED_TRUTHS, LIBRARY_KEY, TARGET_KEY, TRUTH_KEY, X_KEY
 from exprae.data.backed import BackedCells
 from exprae.data.batching import CellDataset
+from exprae.data.mcv import MoleculeSplit
+from exprae.data.preprocessing import Preprocessing
 from exprae.data.targets import LIBRARY_OBS, SCORED_LAYERS, SIZE_FACTOR_OBS, TARGET_LAYER
+from exprae.data.training_data import TrainingData
 
 
 class SplitCells:
@@ -90,3 +93,25 @@ class SplitCells:
         if self.label_codes_n is None:
             return None
         return torch.as_tensor(self.label_codes_n[self.splits["train"]], dtype=torch.long)
+
+    def training_data(self, *, preprocess: Preprocessing, mcv: MoleculeSplit | None) -> TrainingData:
+        """What the LightningModule needs from these cells, as one object (:mod:`exprae.data.training_data`)."""
+        mean_log_library = None
+        if LIBRARY_OBS in self.adata.obs:  # count targets: computed as the module always did, in float32
+            library_n = self.dataset("train").per_cell[LIBRARY_KEY]
+            mean_log_library = float(library_n.clamp_min(1.0).log().mean())
+        true = self.adata.var.get("true_dispersion")
+        obs_names = np.asarray(self.adata.obs_names)
+        return TrainingData(
+            n_genes=self.adata.n_vars,
+            train_chunks=self.train_chunks,
+            preprocess=preprocess,
+            train_labels=self.train_labels,
+            mean_log_library=mean_log_library,
+            true_dispersion_g=None if true is None else true.to_numpy(dtype=np.float64),
+            mcv=mcv,
+            has_labels=self.label_codes_n is not None,
+            has_truth=TRUTH_KEY in self.adata.layers,
+            expected_truths=tuple(name for name, key in EXPECTED_TRUTHS.items() if key in self.adata.layers),
+            split_obs_names={split: obs_names[rows] for split, rows in self.splits.items()},
+        )
