@@ -16,8 +16,8 @@ from exprae.data.datasets import synthetic_counts
 from exprae.losses import ZINBNLL, NegativeBinomialNLL, PoissonNLL, nb_log_prob, poisson_log_prob
 from exprae.nn import AutoEncoder
 from exprae.nn.count_head import CountHeadSpec, InputView, count_parameters, expected_counts
+from exprae.scoring.metrics import dispersion_agreement
 from exprae.train import train
-from exprae.training.module import dispersion_agreement
 
 
 def _counts_and_params(seed: int = 0, n: int = 16, g: int = 30):

@@ -65,7 +65,7 @@ def test_logged_knn_accuracy_matches_scikit_learn_on_the_test_cells(compose_cfg,
 
 
 def test_dispersion_agreement_is_scipys_pearson_and_spearman():
-    from exprae.training.module import dispersion_agreement
+    from exprae.scoring.metrics import dispersion_agreement
 
     rng = np.random.default_rng(1)
     # Log dispersions around 2 with a shared component: an uncentred cosine would be ~0.99, Pearson ~0.6.

@@ -37,13 +37,16 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from exprae.errors import ConfigError
 from exprae.nn.count_head import CountHead, CountHeadSpec
+
+if TYPE_CHECKING:
+    from exprae.nn.baselines import Baselines
 
 Activation = Literal["relu", "gelu", "silu", "elu", "tanh", "leaky_relu"]
 Norm = Literal["none", "batch", "layer"]
@@ -151,6 +154,16 @@ class AutoEncoder(nn.Module):
                 n_hidden=hidden[0] if hidden else self.latent_dim,  # the decoder's last hidden width
                 library_hidden=hidden[-1] if hidden else self.latent_dim,
             )
+
+    def init_from_baselines(self, baselines: Baselines) -> None:
+        """Start at the fitted PCA baseline: per-batch PCA (per-batch centres, components of the per-batch-centred
+        cells) when the encoder sees the batch, the baseline a model told the batch has to beat; else plain PCA."""
+        b = baselines
+        if b.n_batches and self.encode_covariates:
+            center_bg = b.batch_mean_bg - b.mean_g
+            self.init_from_pca(b.mean_g, b.batch_components_kg, variance_g=b.variance_g, batch_center_bg=center_bg)
+            return
+        self.init_from_pca(b.mean_g, b.components_kg, variance_g=b.variance_g)
 
     @torch.no_grad()
     def init_from_pca(

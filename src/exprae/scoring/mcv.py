@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
+from exprae.constants import MCV_COUNTS_KEY, SIZE_FACTOR_KEY
 from exprae.data.mcv import MoleculeSplit
 from exprae.nn.count_head import InputView, expected_counts
 
@@ -96,6 +97,30 @@ class MCVScorer:
             sf_n = size_factor_n.float().unsqueeze(-1)
             x_ng = torch.where(sf_n > 0, x_ng / sf_n.clamp_min(1e-12), torch.zeros_like(x_ng))
         return x_ng * self.depth_ratio
+
+    def predictions(
+        self,
+        recons: Mapping[str, torch.Tensor],
+        profiles: Mapping[str, torch.Tensor],
+        batch: Mapping[str, torch.Tensor],
+        *,
+        count_params: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each method's prediction of x'' and the per-cell Poisson NLL of x'' under its expected counts.
+
+        ``profiles`` are the methods' expected preprocessed profiles (their predictions of x''); the expected
+        counts are a count model's mean (``count_params``, the model's) or a reconstruction in ``recons`` mapped
+        back to counts.
+        """
+        size_factor_n = batch.get(SIZE_FACTOR_KEY)
+        predictions = {}
+        for who, pred in profiles.items():
+            if who == "model" and count_params is not None:
+                mean_ng = self.count_mean(params=count_params)
+            else:
+                mean_ng = self.count_mean(recon_ng=recons[who], size_factor_n=size_factor_n)
+            predictions[who] = (pred, poisson_nll(batch[MCV_COUNTS_KEY], mean_ng))
+        return predictions
 
 
 def poisson_nll(counts_ng: torch.Tensor, mean_ng: torch.Tensor) -> torch.Tensor:

@@ -159,3 +159,18 @@ class PerBatchMetrics(Metric):
         out = {name: (getattr(self, f"sum_{name}") / n_b).float() for name in self.NAMES}  # 0/0: NaN, no cells
         out["n_cells"] = n_b.float()
         return out
+
+
+def dispersion_agreement(log_theta_g: torch.Tensor, true_log_theta_g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Pearson r of two per-gene log dispersions, and Spearman r (Pearson of their ranks); NaN truths skipped."""
+    a, b = log_theta_g.double().cpu(), true_log_theta_g.double().cpu()
+    keep = torch.isfinite(b)
+    a, b = a[keep], b[keep]
+
+    def pearson(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return cosine_similarity(u, v, centered=True).float()
+
+    def ranks(u: torch.Tensor) -> torch.Tensor:
+        return u.argsort().argsort().double()  # continuous values: ties have probability zero
+
+    return {"dispersion_pearson": pearson(a, b), "dispersion_spearman": pearson(ranks(a), ranks(b))}

@@ -45,10 +45,11 @@ def _scored(pl_module: pl.LightningModule, batch: dict[str, torch.Tensor]) -> tu
     with torch.no_grad():
         x_ng = batch[X_KEY].float()
         out = pl_module(x_ng, batch.get(BATCH_KEY))  # batch covariates, as the module's own step
-        target_ng = pl_module.eval_target(batch).float()
+        evaluation = pl_module.evaluation  # the module's held-out scoring (exprae.training.evaluation)
+        target_ng = evaluation.eval_target(batch).float()
         recons = {"model": pl_module.reconstruct(out, batch).float()}
-        if pl_module.with_baselines:  # the baselines the module scores (module.baselines), as it scores them
-            scored = pl_module._baseline_recons(x_ng, batch)
+        if evaluation.with_baselines:  # the baselines the module scores (module.baselines), as it scores them
+            scored = evaluation.baseline_recons(x_ng, batch)
             recons.update({who: r.float() for who, r in scored.items()})
     return target_ng, recons, out
 
@@ -57,11 +58,12 @@ def mcv_cell_scores(
     pl_module: pl.LightningModule, batch: dict[str, torch.Tensor], out: dict, recons: dict[str, torch.Tensor]
 ) -> dict[str, np.ndarray]:
     """Per-cell MCV scores of the model and each baseline against the held-out molecules x'' (empty without them)."""
-    if getattr(pl_module, "mcv", None) is None or MCV_TARGET_KEY not in batch:
+    evaluation = pl_module.evaluation
+    if evaluation.mcv is None or MCV_TARGET_KEY not in batch:
         return {}
     columns = {}
     with torch.no_grad():
-        for who, (pred_ng, nll_n) in pl_module.mcv_predictions(out, batch, recons).items():
+        for who, (pred_ng, nll_n) in evaluation.mcv_predictions(out, batch, recons).items():
             prefix = SCORER_PREFIX.get(who, who + "_")
             for name, values in per_cell_metrics(pred_ng.float(), batch[MCV_TARGET_KEY].float()).items():
                 columns[f"{prefix}mcv_{name}"] = values.cpu().numpy()

@@ -23,6 +23,8 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 
+from exprae.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 CompileMode = Literal["none", "model", "graph"]
@@ -35,6 +37,19 @@ def check_compile_mode(value: str) -> CompileMode:
     if value not in COMPILE_MODES:
         raise ValueError(f"module.compile must be one of {list(COMPILE_MODES)}, got {value!r}")
     return value
+
+
+def check_graph_supported(trainer: pl.Trainer) -> None:
+    """Refuse ``module.compile=graph`` where its single captured step cannot run: several devices, 16-bit AMP."""
+    if trainer.world_size > 1:
+        raise ConfigError(
+            "module.compile=graph captures a single-device step; with several devices use compile=none or model"
+        )
+    if str(trainer.precision).startswith("16"):
+        raise ConfigError(
+            f"module.compile=graph does not support precision={trainer.precision} (its grad scaler checks for "
+            "infs on the host every step); use bf16-mixed or 32-true"
+        )
 
 
 def build_optimizer(
