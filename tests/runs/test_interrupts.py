@@ -10,17 +10,15 @@ uninterrupted run. Each test starts real ``exprae-train`` / ``exprae-predict`` p
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import anndata as ad
 import numpy as np
 import pytest
-from test_resume import SRC, _finish, _start
+from run_process import finish, signal_mid_training, start, start_train, wait_until
 
 from exprae.runs import rundir
 
@@ -29,15 +27,7 @@ pytestmark = pytest.mark.slow
 
 def _stop_mid_training(proc: subprocess.Popen, last: Path, signum: int) -> str:
     """Send ``signum`` once ``last.ckpt`` has been written twice; return stderr after the process ends."""
-    seen, stamp, deadline = 0, None, time.monotonic() + 300
-    while seen < 2:
-        assert proc.poll() is None, "the run ended before it could be stopped"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        if last.exists() and last.stat().st_mtime_ns != stamp:
-            stamp, seen = last.stat().st_mtime_ns, seen + 1
-        time.sleep(0.01)
-    time.sleep(0.15)  # into the next training epoch
-    proc.send_signal(signum)
+    signal_mid_training(proc, last, signum, after_saves=2)
     _, err = proc.communicate(timeout=120)
     return err
 
@@ -46,7 +36,7 @@ def _stop_mid_training(proc: subprocess.Popen, last: Path, signum: int) -> str:
 def straight(tmp_path_factory) -> dict:
     """The metrics of the uninterrupted run every interrupted one must end with."""
     run = tmp_path_factory.mktemp("straight") / "run"
-    _finish(_start(run))
+    finish(start_train(run))
     return json.loads((run / rundir.METRICS_FILE).read_text())
 
 
@@ -60,24 +50,22 @@ def _same_metrics(a: dict, b: dict) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stopped_run_says_so_exits_non_zero_and_resumes_to_the_same_metrics(tmp_path, straight, signum):
     run = tmp_path / "run"
-    err = _stop_mid_training(_start(run), run / "checkpoints" / "last.ckpt", signum)
+    err = _stop_mid_training(start_train(run), run / "checkpoints" / "last.ckpt", signum)
     name = signal.Signals(signum).name
     assert f"was stopped by {name} before it finished; metrics.json was not written" in err, err[-2000:]
     assert f"hydra.run.dir={run} ckpt_path=last" in err and "Traceback" not in err, err[-2000:]
     assert not (run / rundir.METRICS_FILE).exists()
-    proc = _start(run, "ckpt_path=last")
-    _finish(proc)
+    proc = start_train(run, "ckpt_path=last")
+    finish(proc)
     assert proc.returncode == 0
     _same_metrics(straight, json.loads((run / rundir.METRICS_FILE).read_text()))
 
 
 def test_a_run_stopped_before_its_first_checkpoint_says_there_is_nothing_to_resume(tmp_path):
     run = tmp_path / "run"
-    proc = _start(run)
-    deadline = time.monotonic() + 300
-    while not (run / rundir.CONTRACT_FILE).exists():  # the data is loaded; no epoch has ended yet
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or never started"
-        time.sleep(0.01)
+    proc = start_train(run)
+    # The data is loaded; no epoch has ended yet.
+    wait_until(proc, (run / rundir.CONTRACT_FILE).exists, waiting_for=rundir.CONTRACT_FILE)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
@@ -103,14 +91,7 @@ def predict_inputs(tmp_path_factory, pbmc_run) -> tuple[Path, Path]:
 
 
 def _predict(run: Path, data: Path, out: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen(
-        [sys.executable, "-m", "exprae.predict", f"ckpt={run}", f"data.path={data}", f"out={out}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    return start("exprae.predict", f"ckpt={run}", f"data.path={data}", f"out={out}")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)

@@ -3,80 +3,34 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from run_process import finish, signal_mid_training, start_train
 
 from exprae.errors import ConfigError, DataFileNotFoundError
 from exprae.runs import rundir
 from exprae.runs.checkpoint import UnsafeCheckpointError, read_checkpoint
 from exprae.train import train
 
-SRC = Path(rundir.__file__).resolve().parents[2]
-# trainer=cpu is deterministic mode; dropout stays on so the per-epoch reseeding is exercised.
-RUN = [
-    "trainer=cpu",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "trainer.max_epochs=8",
-    "model.latent_dim=8",
-    "model.hidden_dims=[64]",
-    "model.dropout=0.2",
-    "logger=none",
-    "seed=3",
-]
-
-
-def _start(run_dir: Path, *overrides: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen(
-        [sys.executable, "-m", "exprae.train", *RUN, f"hydra.run.dir={run_dir}", *overrides],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-
-
-def _finish(proc: subprocess.Popen) -> None:
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-
-
-def _kill_mid_training(proc: subprocess.Popen, last: Path, *, after_saves: int = 3) -> None:
-    """SIGKILL ``proc`` shortly after it has written ``last.ckpt`` ``after_saves`` times (so mid-epoch)."""
-    seen, stamp, deadline = 0, None, time.monotonic() + 300
-    while seen < after_saves:
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        if last.exists() and last.stat().st_mtime_ns != stamp:
-            stamp, seen = last.stat().st_mtime_ns, seen + 1
-        time.sleep(0.01)
-    time.sleep(0.15)  # into the next training epoch
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
 
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    reference = _start(straight)
-    victim = _start(killed)
+    reference = start_train(straight)
+    victim = start_train(killed)
     last = killed / "checkpoints" / "last.ckpt"
-    _kill_mid_training(victim, last)
+    signal_mid_training(victim, last, signal.SIGKILL, after_saves=3)
+    victim.wait()
     assert victim.returncode == -signal.SIGKILL
     assert not (killed / rundir.METRICS_FILE).exists(), "the run finished before the kill"
     epoch_at_kill = read_checkpoint(last)["epoch"]
     assert epoch_at_kill < 7
 
-    _finish(_start(killed, "ckpt_path=last"))
-    _finish(reference)
+    finish(start_train(killed, "ckpt_path=last"))
+    finish(reference)
 
     a = json.loads((straight / rundir.METRICS_FILE).read_text())
     b = json.loads((killed / rundir.METRICS_FILE).read_text())
