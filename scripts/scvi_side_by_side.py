@@ -34,8 +34,6 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
 from exprae.constants import MCV_COUNTS_KEY, MCV_TARGET_KEY, SIZE_FACTOR_KEY, X_KEY
@@ -45,7 +43,7 @@ from exprae.nn.count_head import InputView
 from exprae.runs.rundir import CELLS_FILE
 from exprae.scoring.mcv import MCVScorer, poisson_nll
 from exprae.scoring.metrics import per_cell_metrics
-from exprae.train import CONFIG_DIR
+from exprae.train import compose
 
 INSTALL = 'pip install "scvi-tools>=1.1" "torch==2.13.0"   (or: pip install -e ".[bench]" "torch==2.13.0")'
 
@@ -60,11 +58,7 @@ def datamodule(path: Path, args: argparse.Namespace) -> ExpressionDataModule:
         f"data.split_seed={args.split_seed}",
         *args.data_overrides,
     ]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    GlobalHydra.instance().clear()
-    dm: ExpressionDataModule = instantiate(cfg.data)
+    dm: ExpressionDataModule = instantiate(compose(overrides).data)  # nothing is trained: no run directory is made
     dm.setup("fit")
     return dm
 
