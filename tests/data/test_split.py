@@ -1,4 +1,4 @@
-"""``split_cells`` on hand-made cases: set sizes, what is refused, and how strata (missing labels included) are cut.
+"""``split_cells`` and ``split_obs`` on hand-made cases: set sizes, what is refused, and how strata (missing labels included) are cut.
 
 Written against the contract users rely on (docs/data.md: seeded, stratified, every cell in exactly one set), and
 sized so that each boundary of the validation sits on a test; `make mutation` checks that they bite.
@@ -6,11 +6,15 @@ sized so that each boundary of the validation sits on a test; `make mutation` ch
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import pandas as pd
 import pytest
 
 from exprae.data import split_cells
-from exprae.errors import ConfigError, DataError
+from exprae.data.split import MIN_HELD_OUT, split_obs
+from exprae.errors import ConfigError, DataError, MissingKeyError
 
 
 def _sizes(split: dict[str, np.ndarray]) -> tuple[int, int, int]:
@@ -126,3 +130,47 @@ def test_a_split_seed_keeps_selecting_the_same_cells_across_versions():
     split = split_cells(20, val_fraction=0.25, test_fraction=0.25, seed=11, stratify=labels)
     assert split["val"].tolist() == [2, 7, 8, 14, 17]
     assert split["test"].tolist() == [0, 1, 10, 12, 16]
+
+
+# ---------------------------------------------------------------- split_obs: the obs checks around split_cells
+
+
+def _obs(n: int, **columns: list) -> pd.DataFrame:
+    return pd.DataFrame(columns, index=[f"c{i}" for i in range(n)])
+
+
+def _split_obs(obs: pd.DataFrame, **keys: str | None) -> dict[str, np.ndarray]:
+    settings = {"stratify_key": None, "label_key": None, **keys}
+    return split_obs(obs, val_fraction=0.1, test_fraction=0.1, seed=0, what="cells.h5ad (X)", **settings)
+
+
+def test_split_obs_is_split_cells_stratified_by_the_named_column():
+    obs = _obs(100, kind=["a", "b", "c", "d"] * 25)
+    got = _split_obs(obs, stratify_key="kind")
+    want = split_cells(100, val_fraction=0.1, test_fraction=0.1, seed=0, stratify=obs["kind"].to_numpy())
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(got[name], want[name])
+
+
+@pytest.mark.parametrize("which", ["stratify_key", "label_key"])
+def test_split_obs_refuses_a_missing_column_and_names_the_ones_there(which):
+    with pytest.raises(
+        MissingKeyError, match=r"obs column 'celltype' not found in cells.h5ad \(X\); available: \['kind'\]"
+    ):
+        _split_obs(_obs(100, kind=["a"] * 100), **{which: "celltype"})
+
+
+def test_split_obs_refuses_a_label_column_without_labels_but_accepts_some_missing():
+    with pytest.raises(DataError, match=r"'kind' of cells.h5ad \(X\) \(aux.label_key\) has no labels: all 100"):
+        _split_obs(_obs(100, kind=[None] * 100), label_key="kind")
+    _split_obs(_obs(100, kind=[None] * 99 + ["a"]), label_key="kind")  # one label is enough
+
+
+def test_split_obs_warns_about_unlabelled_strata_and_small_held_out_sets():
+    with pytest.warns(UserWarning, match=r"2 cells of cells.h5ad \(X\) have no 'kind' label"):
+        _split_obs(_obs(100, kind=["a", None, "b", None] + ["a"] * 96), stratify_key="kind")
+    with pytest.warns(UserWarning, match=f"only 9 val, 9 test cells; .* fewer than {MIN_HELD_OUT} held-out"):
+        _split_obs(_obs(90))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 10 of each: no warning
+        _split_obs(_obs(100, kind=["a", "b"] * 50), stratify_key="kind")
