@@ -341,7 +341,7 @@ class HeldOutEvaluation:
         def log_checked(key: str, value: Any, checked: set[str] | None, **kwargs: Any) -> None:
             if checked is not None and key not in checked:
                 # A bug, not a user error: the monitor check reads metric_names and would refuse a monitor on it.
-                raise RuntimeError(f"{key} is logged but missing from AutoencoderModule.metric_names(); add it there")
+                raise RuntimeError(f"{key} is logged but missing from HeldOutEvaluation.metric_names(); add it there")
             log(key, value, **kwargs)
 
         for who in self.scored:
