@@ -24,6 +24,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from exprae.data import ExpressionDataModule
 from exprae.errors import CLIError, ConfigError, ExpraeError, RunInterrupted
+from exprae.nn.autoencoder import LINEAR_STARTS
 from exprae.report.run_report import write_run_report
 from exprae.runs import lock as runguard
 from exprae.runs import rundir
@@ -395,7 +396,7 @@ def _train(cfg: DictConfig, out_dir: Path, ckpt_path: str | None, *, console: st
         emit(_header(cfg, datamodule, module, out_dir))
     checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
     start = None
-    if ckpt_path is None and module.net.init == "pca" and checkpoint is not None and checkpoint.monitor:
+    if ckpt_path is None and module.net.init in LINEAR_STARTS and checkpoint is not None and checkpoint.monitor:
         start = _score_start(trainer, module, datamodule, checkpoint)
     # weights_only: resuming reads tensors and plain data only, never code from the checkpoint.
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

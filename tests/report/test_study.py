@@ -17,7 +17,7 @@ from omegaconf import open_dict
 
 from exprae.constants import INDEX_KEY, TRUTH_KEY, X_KEY
 from exprae.data import ExpressionDataModule
-from exprae.nn.baselines import Baselines
+from exprae.nn.baselines import Baselines, SphericalPCA
 from exprae.runs import rundir
 from exprae.scoring.masking import InputMasker, hidden_entries
 from exprae.scoring.metrics import per_cell_metrics
@@ -235,3 +235,22 @@ def test_same_seed_gives_identical_metrics_json(compose_cfg, tmp_path):
     assert env["seed"] == 7
     for key in ("torch", "pytorch_lightning", "anndata", "scanpy", "git_commit"):
         assert env[key], key
+
+
+def test_spherical_pca_init_with_zero_steps_projects_onto_the_spherical_subspace(compose_cfg):
+    """model.init=spherical_pca: the linear path starts as the projection onto the top components of the
+    L2-normalised training cells, entered at the training mean; not the PCA start."""
+    cfg = compose_cfg("model.latent_dim=8", "model.init=spherical_pca", *QUIET)
+    dm, module = build(cfg)
+    trainer = pl.Trainer(max_steps=0, accelerator="cpu", logger=False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=dm)
+    x_ng = _split_tensors(dm, "test")[X_KEY]
+    w_kg = SphericalPCA(dm.n_genes, 8).fit(dm.train_chunks()).components_kg
+    mean_g = module.baselines.mean_g
+    expected_ng = (x_ng - mean_g) @ w_kg.T @ w_kg + mean_g
+    scale = float(x_ng.abs().max())
+    module.eval()
+    with torch.no_grad():
+        recon_ng = module(x_ng)["recon"]
+    torch.testing.assert_close(recon_ng, expected_ng, rtol=1e-4, atol=1e-5 * scale)
+    assert float((recon_ng - module.baselines.pca(x_ng)).abs().max()) > 0.05 * scale

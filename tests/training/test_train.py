@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hydra.errors import InstantiationException
 
 from exprae.runs import rundir
 from exprae.train import format_report, train
@@ -86,3 +87,29 @@ def test_report_columns_stay_aligned_for_long_loss_names():
     # Fixed-width number columns: aligned exactly when every row (header included) has the same length.
     assert len({len(line) for line in lines}) == 1, lines
     assert lines[1].split()[-6:] == ["0.5000", "0.4000", "0.1000"] * 2
+
+
+def test_a_spherical_pca_start_is_scored_and_competes_for_the_checkpoint(compose_cfg):
+    """As the PCA start: scored on validation cells before training, and kept as best.ckpt when no epoch beats
+    it (forced by the weight decay of the test above); the model's scores are then the spherical start's."""
+    cfg = compose_cfg(
+        "trainer.max_epochs=2",
+        "model.latent_dim=8",
+        "model.init=spherical_pca",
+        "optimizer.weight_decay=1000",
+        "logger=none",
+        "model.dropout=0",
+    )
+    metrics = train(cfg)
+    start = metrics["start"]
+    assert start["kept"] is True and start["monitor"] == "val/loss"
+    assert metrics["val"]["model"]["loss"] == pytest.approx(start["score"], rel=1e-4)
+    assert metrics["val"]["model"]["mse"] != pytest.approx(metrics["val"]["pca"]["mse"], rel=1e-3)
+
+
+def test_spherical_pca_init_is_refused_with_a_batch_seen_by_the_encoder(compose_cfg):
+    """Refused where the network is built, before the run directory gets anything."""
+    cfg = compose_cfg("model.init=spherical_pca", "data.batch_key=phase", "logger=none")
+    with pytest.raises(InstantiationException, match=r"model\.init=spherical_pca has no per-batch start"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / rundir.CONTRACT_FILE).exists()

@@ -11,7 +11,10 @@ standard units (``σ``: the gene's sd in the training cells, a fixed buffer): th
 standardised genes and the decoder branch's output is scaled back per gene, so one learning rate suits scaled
 data, log data and raw counts in the thousands (on counts, without it, the residuals hardly trained). Training therefore starts exactly at
 the PCA reconstruction and can only move away from it where the loss improves, which is why the default
-model does not end below the PCA baseline. ``init="random"`` is the classic MLP autoencoder (no linear path).
+model does not end below the PCA baseline. ``init="spherical_pca"`` builds the same network and starts its
+linear path from the principal subspace of the L2-normalised training cells (the cosine score's natural linear
+baseline) entered at the training mean, so that no initialisation is favoured by construction (the start is
+scored and competes for the checkpoint alike). ``init="random"`` is the classic MLP autoencoder (no linear path).
 
 With covariates (``n_batches``: the number of levels of each categorical covariate, e.g. sample or condition,
 served as integer codes ``batch_nk``) the decoder always receives them, one-hot, next to ``z`` (scVI's
@@ -50,7 +53,7 @@ if TYPE_CHECKING:
 
 Activation = Literal["relu", "gelu", "silu", "elu", "tanh", "leaky_relu"]
 Norm = Literal["none", "batch", "layer"]
-Init = Literal["pca", "random"]
+Init = Literal["pca", "spherical_pca", "random"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -61,7 +64,8 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,
 }
 _NORMS = ("none", "batch", "layer")
-_INITS = ("pca", "random")
+_INITS = ("pca", "spherical_pca", "random")
+LINEAR_STARTS = ("pca", "spherical_pca")  # inits with the linear path, started from a PCA before training
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
@@ -126,6 +130,12 @@ class AutoEncoder(nn.Module):
             if not 0.0 <= p < 1.0:
                 raise ConfigError(f"model.{name} must lie in [0, 1), got {p}")
         _check_choice("model.init", init, _INITS)
+        if init == "spherical_pca" and self.encode_covariates:
+            raise ConfigError(
+                "model.init=spherical_pca has no per-batch start: with data.batch_key the encoder sees the batch and "
+                "the start is a PCA of per-batch-centred cells; use model.init=pca or random, or "
+                "model.encode_covariates=false"
+            )
         self.n_genes, self.latent_dim, self.init = int(n_genes), int(latent_dim), init
         hidden = [int(h) for h in hidden_dims]
         kw = {"activation": activation, "norm": norm, "dropout": dropout}
@@ -133,7 +143,7 @@ class AutoEncoder(nn.Module):
         n_cov_in = n_cov if self.encode_covariates else 0
         self.encoder = mlp([self.n_genes + n_cov_in, *hidden, self.latent_dim], **kw)
         self.decoder = mlp([self.latent_dim + n_cov, *reversed(hidden), self.n_genes], **kw)
-        if init == "pca":
+        if init in LINEAR_STARTS:
             self.linear_encoder = nn.Linear(self.n_genes, self.latent_dim)
             self.linear_decoder = nn.Linear(self.latent_dim, self.n_genes)
             self.register_buffer("center_g", torch.zeros(self.n_genes))
@@ -182,7 +192,7 @@ class AutoEncoder(nn.Module):
         without it the per-batch centres start at zero.
         """
         if self.linear_encoder is None:
-            raise RuntimeError("init_from_pca needs an AutoEncoder built with init='pca'")
+            raise RuntimeError(f"init_from_pca needs an AutoEncoder built with init in {LINEAR_STARTS}")
         if tuple(components_kg.shape) != (self.latent_dim, self.n_genes):
             raise ValueError(
                 f"PCA components {tuple(components_kg.shape)} do not match (latent_dim, n_genes) = "

@@ -73,7 +73,8 @@ class History(Callback):
         if trainer.state.fn == TrainerFn.VALIDATING and trainer.global_step == 0 and not self.rows:
             self.rows.append(self._row(trainer, 0))
             if self.show_epochs:
-                what = "the PCA start" if getattr(getattr(pl_module, "net", None), "init", None) == "pca" else "start"
+                init = getattr(getattr(pl_module, "net", None), "init", None)
+                what = {"pca": "the PCA start", "spherical_pca": "the spherical PCA start"}.get(init, "start")
                 emit(f"epoch   0 ({what}, before training) {self._numbers(self.rows[-1])}", progress=True)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

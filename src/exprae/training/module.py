@@ -14,7 +14,8 @@ from exprae.constants import BATCH_KEY, LABEL_KEY, SIZE_FACTOR_KEY, TARGET_KEY, 
 from exprae.data.training_data import TrainingData
 from exprae.losses import CountNLL, ReconstructionLoss, reduce_per_cell
 from exprae.nn import AutoEncoder
-from exprae.nn.baselines import BaselineName, Baselines
+from exprae.nn.autoencoder import LINEAR_STARTS
+from exprae.nn.baselines import BaselineName, Baselines, SphericalPCA
 from exprae.nn.count_head import InputView, count_parameters, expected_counts
 from exprae.scoring.masking import MaskEntries, MaskFill
 from exprae.scoring.mcv import MCVScorer
@@ -173,7 +174,14 @@ class AutoencoderModule(pl.LightningModule):
 
     def start_at_pca(self) -> None:
         """Set the network's linear path (and residual units) from the fitted PCA baseline (per-batch PCA when
-        the encoder sees the batch: :meth:`~exprae.nn.AutoEncoder.init_from_baselines`)."""
+        the encoder sees the batch: :meth:`~exprae.nn.AutoEncoder.init_from_baselines`), or with
+        ``init="spherical_pca"`` from the principal subspace of the L2-normalised training cells."""
+        if self.net.init == "spherical_pca":  # no covariates in the encoder (refused when the net is built)
+            # The subspace of the L2-normalised training cells, entered at the training mean: a linear start.
+            b = self.baselines
+            spherical = SphericalPCA(self.net.n_genes, self.net.latent_dim).fit(self.data.train_chunks())
+            self.net.init_from_pca(b.mean_g, spherical.components_kg, variance_g=b.variance_g)
+            return
         self.net.init_from_baselines(self.baselines)
 
     def prepare_start(self) -> None:
@@ -187,7 +195,7 @@ class AutoencoderModule(pl.LightningModule):
         # With a batch covariate the chunks carry batch codes, for the per-batch baselines and start.
         self.baselines.fit(data.train_chunks(with_batches=True))
         self.evaluation.fit(data)  # the opt-in baselines and the masker
-        if self.net.init == "pca":
+        if self.net.init in LINEAR_STARTS:
             self.start_at_pca()
         # Where training starts (PCA or the random draw), to report how far it moved (exprae.scoring.pca_gain).
         self.start_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
