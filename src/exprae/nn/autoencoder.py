@@ -192,7 +192,7 @@ class AutoEncoder(nn.Module):
         without it the per-batch centres start at zero.
         """
         if self.linear_encoder is None:
-            raise RuntimeError(f"init_from_pca needs an AutoEncoder built with init in {LINEAR_STARTS}")
+            raise RuntimeError("init_from_pca needs an AutoEncoder built with init='pca' or init='spherical_pca'")
         if tuple(components_kg.shape) != (self.latent_dim, self.n_genes):
             raise ValueError(
                 f"PCA components {tuple(components_kg.shape)} do not match (latent_dim, n_genes) = "
