@@ -8,6 +8,7 @@ SIZE_FACTOR_KEY = "size_factor"  # per-cell factor normalize_total applied to th
 LABEL_KEY = "label"  # integer label per cell, for auxiliary latent losses
 BATCH_KEY = "batch"  # integer covariate codes per cell, cells x covariates (data.batch_key; batch first)
 TRUTH_KEY = "true_mean"  # noise-free profile (synthetic data only), after the same preprocessing
+TRUE_LATENT_KEY = "X_true"  # synthetic data: obsm key of each cell's true position in program space
 RATE_KEY = "true_rate"  # synthetic data: each entry's Poisson rate (the NB mean times its gamma noise), raw
 # The expected preprocessed profile E[T(x) | truth] (synthetic data), the form a model trained in preprocessed space
 # and the MCV score estimate (exprae.data.truth), given the NB mean and dispersion or given each entry's Poisson
