@@ -56,13 +56,13 @@ def test_uninformative_genes_have_the_same_proportion_in_every_cell():
 
 @pytest.mark.parametrize("r", [0.3, -0.6, 0.0])
 def test_log_library_size_correlates_with_the_state_as_asked(r):
-    adata = synthetic_counts(20000, 20, library_state=r, library_spread=0.5, seed=4)
+    adata = synthetic_counts(20000, 20, library_state=r, library_mean=200.0, library_spread=0.5, seed=4)
     log_library_n = np.log(adata.obs["true_library_size"].to_numpy())
     state_n = adata.obsm[TRUE_LATENT_KEY][:, 0]
     # Standard error of a sample correlation on 20,000 cells is (1 - r^2) / sqrt(n) <= 0.007: 0.03 is > 4 of it.
     assert np.corrcoef(log_library_n, state_n)[0, 1] == pytest.approx(r, abs=0.03)
     assert log_library_n.std() == pytest.approx(0.5, rel=0.03)  # the spread is the sd whatever the correlation
-    assert np.exp(np.median(log_library_n)) == pytest.approx(3000.0, rel=0.03)
+    assert np.exp(np.median(log_library_n)) == pytest.approx(200.0, rel=0.03)
 
 
 def test_the_true_latent_is_stored_and_the_means_are_a_function_of_it():

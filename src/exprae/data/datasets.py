@@ -51,9 +51,7 @@ def _log_library(
 ) -> np.ndarray:
     """Each cell's library size: log-normal around ``library_mean`` with sd ``library_spread`` of its log, whose
     correlation with ``state_n`` (a cell-state coordinate) is ``library_state``."""
-    if library_state == 0.0:
-        # The draw of the generator before library_state existed, kept bit for bit: a seed gives the same counts.
-        return np.exp(rng.normal(np.log(library_mean), library_spread, size=n_cells))
+    # One standard normal per cell, as the generator drew before library_state existed: at 0 the same libraries.
     noise_n = rng.normal(0.0, 1.0, size=n_cells)
     sd = state_n.std()
     state_n = (state_n - state_n.mean()) / (sd if sd > 0 else 1.0)  # standardised on this draw's cells
