@@ -8,7 +8,9 @@ metrics, and writes one row per cell: its name, split, and cosine / Pearson / MS
 scored baseline (``pca_cosine``, ``meanprofile_mse``, ...). With a molecule split (``data.mcv``) each of them
 also gets its MCV scores against the cell's held-out molecules x'' (``mcv_mse``, ``mcv_cosine``,
 ``mcv_pearson``, ``mcv_poisson``; ``pca_mcv_mse``, ...), exactly the per-cell values behind the logged
-``test/mcv_*`` means, so ``exprae-compare`` can pair settings cell by cell under the MCV judge.
+``test/mcv_*`` means, so ``exprae-compare`` can pair settings cell by cell under the MCV judge. On synthetic
+data that carries its truths, each method also gets its per-cell scores against them (``mse_to_rate_truth``,
+``pca_cosine_to_expected_truth``, ``knn_mse_to_truth``, ...), the values behind the logged ``*_to_*truth`` means.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.trainer.states import TrainerFn
 
-from exprae.constants import BATCH_KEY, INDEX_KEY, MCV_TARGET_KEY, X_KEY
+from exprae.constants import BATCH_KEY, EXPECTED_TRUTHS, EXTRA_SCORES, INDEX_KEY, MCV_TARGET_KEY, TRUTH_KEY, X_KEY
 from exprae.runs import rundir
 from exprae.scoring.metrics import per_cell_metrics
 
@@ -71,6 +73,29 @@ def mcv_cell_scores(
     return columns
 
 
+def truth_cell_scores(
+    pl_module: pl.LightningModule, batch: dict[str, torch.Tensor], out: dict, recons: dict[str, torch.Tensor]
+) -> dict[str, np.ndarray]:
+    """Per-cell scores of the model and each baseline against the synthetic truths the batch carries (else empty).
+
+    As the module scores them: the reconstruction against ``T(E[x])``; each method's prediction of the expected
+    profile (:meth:`~exprae.training.AutoencoderModule.expected_profiles`) against ``E[T(x)]`` given the mean or rate.
+    """
+    columns = {}
+    with torch.no_grad():
+        scored = [("truth", recons, batch[TRUTH_KEY])] if TRUTH_KEY in batch else []
+        truths = {extra: batch[key] for extra, key in EXPECTED_TRUTHS.items() if key in batch}
+        if truths:
+            preds = pl_module.expected_profiles(out, batch, recons)
+            scored += [(extra, preds, truth) for extra, truth in truths.items()]
+        for extra, predictions, truth_ng in scored:
+            for who, pred_ng in predictions.items():
+                prefix = SCORER_PREFIX.get(who, who + "_")
+                for name, values in per_cell_metrics(pred_ng.float(), truth_ng.float()).items():
+                    columns[prefix + EXTRA_SCORES[extra].format(name)] = values.cpu().numpy()
+    return columns
+
+
 class CellScores(Callback):
     """Score each cell of the final validation and test passes; write ``cells.csv`` into ``dirpath`` after testing."""
 
@@ -103,6 +128,7 @@ class CellScores(Callback):
             for name, values in per_cell_metrics(recon_ng, target_ng).items():
                 row[f"{SCORER_PREFIX.get(who, who + '_')}{name}"] = values.cpu().numpy()
         row.update(mcv_cell_scores(pl_module, batch, out, recons))
+        row.update(truth_cell_scores(pl_module, batch, out, recons))
         self._rows[stage].append(row)
 
     def on_validation_batch_end(
