@@ -1,6 +1,6 @@
 """MSE or cosine on the synthetic grid (issue 22 part 6), judged by the truth: tables with paired intervals.
 
-    exprae-train -m experiment=synthetic_grid            # 6 conditions x {mse, cosine} x generator seeds 0-2
+    exprae-train -m experiment=synthetic_grid            # 8 conditions x {mse, cosine} x generator seeds 0-2
     python scripts/synthetic_grid.py multirun/synthetic_grid/<date>/<time> [more sweep dirs]
 
 Reads the sweep's runs (several sweep directories are read as one: a grid run in parts) (``exprae.report.sweep_runs``) and each run's ``cells.csv``. Per condition
