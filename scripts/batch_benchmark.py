@@ -50,6 +50,8 @@ SCORES = ("cosine", "ilisi", "clisi", "silhouette_label", "silhouette_batch")
 def semisynthetic(path: Path, *, seed: int, effect_sd: float, n_cells: int | None = None) -> ad.AnnData:
     """pbmc4k split into halves A and B at random; B's counts become f_g · x (stochastically rounded), log f_g ~ N(0, sd²)."""
     adata = ad.read_h5ad(path)
+    # Not default_rng(seed): exprae's split draws default_rng(data.split_seed).permutation(n_cells), so with both
+    # seeds 0 the halves were that same permutation and every held-out cell fell in B (no batch mixing to score).
     rng = np.random.default_rng(seed)
     if n_cells is not None and n_cells < adata.n_obs:
         adata = adata[np.sort(rng.choice(adata.n_obs, n_cells, replace=False))].copy()
@@ -124,6 +126,14 @@ def ended(metrics: dict) -> str:
     """How an exprae run ended, shortly: early stopping or the epoch cap, after how many epochs, its best epoch."""
     how = "early stop" if str(metrics.get("stopped", "")).startswith("early stopping") else "cap"
     return f"{how} after {metrics.get('epochs_trained')} (best {metrics.get('best_epoch')})"
+
+
+def check_held_out_levels(run_dir: Path, adata: ad.AnnData, batch_key: str) -> None:
+    """Stop when the run's test cells lack a batch level: mixing scores would be undefined (NaN) for every method."""
+    present = set(adata.obs.loc[test_cells(run_dir), batch_key].astype(str))
+    missing = sorted(set(adata.obs[batch_key].astype(str)) - present)
+    if missing:
+        raise SystemExit(f"{run_dir}: no test cell of {batch_key} level(s) {missing}; iLISI needs every level")
 
 
 def exprae_rows(runs: dict[str, Path], adata: ad.AnnData, batch_key: str, label_key: str | None, *, k: int) -> dict:
@@ -216,8 +226,15 @@ def run_dataset(
     for method, key in (("exprae", None), ("exprae + batch_key", batch_key)):
         start = time.perf_counter()
         run_dir = folder / f"{method.replace(' + ', '_')}_seed{seed}"
+        if args.reuse and (run_dir / "metrics.json").is_file():
+            # A finished run of an earlier invocation: its training time from its own files (written at its
+            # start and at its end), so a benchmark cut short can be completed without training again.
+            walls[method] = (run_dir / "metrics.json").stat().st_mtime - (run_dir / "environment.json").stat().st_mtime
+            runs[method] = run_dir
+            continue
         runs[method] = train_exprae(data, run_dir, batch_key=key, label_key=label_key, seed=seed, args=args)
         walls[method] = time.perf_counter() - start
+        check_held_out_levels(run_dir, adata, batch_key)
     rows = exprae_rows(runs, adata, batch_key, label_key, k=args.k)
     for method, wall in walls.items():
         rows[method]["wall_s"] = wall
@@ -285,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default="pbmc4k,kang")
     parser.add_argument("--k", type=int, default=90, help="neighbours of the integration scores (scIB: 90)")
     parser.add_argument("--no-scvi", action="store_true", help="skip scVI even where it is installed")
+    parser.add_argument("--reuse", action="store_true", help="score finished exprae runs under --out, not retrain")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     datasets = {

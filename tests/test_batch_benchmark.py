@@ -39,6 +39,11 @@ def test_semisynthetic_batch_effect_is_seeded_gene_wise_and_keeps_labels(realdat
     o_tot = np.asarray(original.X[~in_a].sum(0)).ravel()
     busy = o_tot > 200
     assert 0.35 < np.log(b_tot[busy] / o_tot[busy]).std() < 0.65
+    # The halves are drawn apart from exprae's split (default_rng(split_seed).permutation): with both seeds 0
+    # they once coincided, and every held-out cell of the full data was in B.
+    full = bench.semisynthetic(path, seed=0, effect_sd=0.5)
+    held_out = np.random.default_rng(0).permutation(full.n_obs)[: full.n_obs // 5]
+    assert full.obs["batch"].iloc[held_out].value_counts().min() > full.n_obs // 20
 
 
 @pytest.mark.slow
