@@ -9,7 +9,7 @@ The data is prepared exactly as ``exprae-train data=h5ad data.path=FILE data.mcv
 genes, and its prediction for validation/test cells is scored with exprae's metric code:
 
 * ``cosine``, ``pearson``, ``mse`` against the input ``T(x')`` and the MCV scores against ``T(x'')`` use the
-  posterior-predictive expectation ``E[T(c)]`` (``posterior_predictive_sample``, normalised with the cell's x'
+  posterior-predictive expectation ``E[T(c)]`` (the draws of ``posterior_predictive_sample``, normalised with the cell's x'
   size factor as exprae's count models are); ``mcv_mse_log_of_mean`` shows the shortcut ``T(E[c])`` for contrast;
 * ``mcv_poisson`` uses scVI's expected counts (its normalised expression times the cell's x' library).
 
@@ -43,6 +43,7 @@ from exprae.nn.count_head import InputView
 from exprae.runs.rundir import CELLS_FILE
 from exprae.scoring.mcv import MCVScorer, poisson_nll
 from exprae.scoring.metrics import per_cell_metrics
+from exprae.scoring.peer_models import posterior_predictive_mean
 from exprae.train import compose
 
 INSTALL = 'pip install "scvi-tools>=1.1" "torch==2.13.0"   (or: pip install -e ".[bench]" "torch==2.13.0")'
@@ -122,13 +123,8 @@ def run(args: argparse.Namespace) -> tuple[dict, pd.DataFrame]:
         if not held.obs_names.equals(dm.adata.obs_names[dm.splits[stage]]):
             raise RuntimeError(f"the {stage} cells of the raw counts and of the prepared data are not the same cells")
         # Posterior-predictive draws of counts at the cell's own x' depth, each mapped into exprae's input space.
-        draws = model.posterior_predictive_sample(held, n_samples=args.n_samples)
-        draws = torch.as_tensor(
-            np.asarray(draws.todense() if hasattr(draws, "todense") else draws), dtype=torch.float32
-        )
-        draws_gns = draws if draws.ndim == 3 else draws.unsqueeze(-1)
-        expected_view = torch.stack([view(draws_gns[..., s], size_factor_n) for s in range(draws_gns.shape[-1])]).mean(
-            0
+        expected_view = posterior_predictive_mean(
+            model, held, lambda c_bg, rows, sf_n=size_factor_n: view(c_bg, sf_n[rows]), n_samples=args.n_samples
         )
         library_n = torch.as_tensor(np.asarray(held.X.sum(axis=1)).ravel(), dtype=torch.float32)
         rho = model.get_normalized_expression(held, library_size=1.0, n_samples=args.n_samples, return_mean=True)

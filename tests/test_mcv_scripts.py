@@ -81,3 +81,28 @@ def test_mcv_ranks_like_the_truth_on_a_reduced_grid(tmp_path):
     assert rho["mse_to_rate_truth"] >= rho["mse_to_truth"] and rho["mse_to_rate_truth"] > 0.9
     summary = (tmp_path / "o" / "summary.md").read_text()
     assert summary.count("Spearman rho") == 3 and "mse_to_expected_truth" in summary
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("scvi") is None, reason="scvi-tools is an optional extra (bench)")
+def test_posterior_predictive_mean_draws_what_scvi_draws():
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+    import scvi
+    import torch
+
+    from exprae.scoring.peer_models import posterior_predictive_mean
+
+    rng = np.random.default_rng(0)
+    adata = ad.AnnData(sp.csr_matrix(rng.poisson(2.0, size=(150, 40)).astype(np.float32)))
+    scvi.model.SCVI.setup_anndata(adata)
+    model = scvi.model.SCVI(adata, n_latent=4)
+    model.train(max_epochs=2, accelerator="cpu", enable_progress_bar=False)
+    torch.manual_seed(0)
+    ours = posterior_predictive_mean(model, adata, lambda c_bg, rows: torch.log1p(c_bg), n_samples=3, batch_size=64)
+    torch.manual_seed(0)
+    draws = np.asarray(model.posterior_predictive_sample(adata, n_samples=3, batch_size=64).todense())
+    # The transform is applied to each draw, then averaged (log1p of counts, never of their mean).
+    np.testing.assert_allclose(ours.numpy(), np.log1p(draws).mean(-1), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(ours.numpy(), np.log1p(draws.mean(-1)))
