@@ -1,11 +1,11 @@
 """Posterior-predictive draws of a trained scvi-tools model, for scoring it with exprae's own metric code.
 
 scvi-tools is an optional peer (the ``bench`` extra); nothing here imports it. ``SCVI.posterior_predictive_sample``
-returns its draws as a ``sparse.GCXS`` array built with ``sparse``'s numba kernels; on pbmc4k (217 cells x 2,000
-genes x 25 draws, this project's 2-core CPU) a run was still inside that conversion, JIT-compiling, minutes after
-scVI's 400 training epochs had finished. The scripts that put scVI beside exprae therefore draw through the
-model's own ``module.sample``, which that method calls per minibatch before the conversion: under the same torch
-seed the draws are identical (tests/test_mcv_scripts.py).
+converts each minibatch of draws to a ``sparse.GCXS`` array (numba kernels, JIT-compiled on first use) that the
+scripts putting scVI beside exprae would densify again at once; on pbmc4k that round trip held a (cells x genes x
+draws) array twice over. Drawing through the model's own ``module.sample``, which that method calls per minibatch
+before the conversion, gives the same draws under the same torch seed (tests/test_mcv_scripts.py) and maps
+each minibatch into the scored space as it comes.
 """
 
 from __future__ import annotations
