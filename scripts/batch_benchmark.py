@@ -42,6 +42,7 @@ import exprae
 from exprae.data.covariates import recode
 from exprae.scoring.integration import integration_scores
 from exprae.scoring.metrics import per_cell_metrics
+from exprae.scoring.peer_models import posterior_predictive_mean
 
 REALDATA = Path(os.environ.get("EXPRAE_REALDATA", Path(__file__).resolve().parents[2] / "shared" / "realdata"))
 SCORES = ("cosine", "ilisi", "clisi", "silhouette_label", "silhouette_batch")
@@ -52,7 +53,8 @@ def semisynthetic(path: Path, *, seed: int, effect_sd: float, n_cells: int | Non
     adata = ad.read_h5ad(path)
     # Not default_rng(seed): exprae's split draws default_rng(data.split_seed).permutation(n_cells), so with both
     # seeds 0 the halves were that same permutation and every held-out cell fell in B (no batch mixing to score).
-    rng = np.random.default_rng(seed)
+    # A stream of its own, keyed by the seed: default_rng([seed, 1]) shares no draws with default_rng(seed).
+    rng = np.random.default_rng([seed, 1])
     if n_cells is not None and n_cells < adata.n_obs:
         adata = adata[np.sort(rng.choice(adata.n_obs, n_cells, replace=False))].copy()
     x = sp.csr_matrix(adata.X, dtype=np.float32)
@@ -202,10 +204,10 @@ def scvi_row(
     # to scVI's posterior-predictive count draws at the cell's own depth and averaged (E[T(c)], as
     # scripts/scvi_side_by_side.py scores scVI), so scVI is scored in the space exprae reconstructs.
     scale_n = 1e4 / np.maximum(np.asarray(adata[test.obs_names].X.sum(1)).ravel(), 1)
-    draws = vae.posterior_predictive_sample(test_ad, n_samples=args.scvi_samples)
-    draws = np.asarray(draws.todense() if hasattr(draws, "todense") else draws, dtype=np.float32)
-    draws = draws if draws.ndim == 3 else draws[..., None]
-    expected = np.log1p(draws * scale_n[:, None, None]).mean(-1)
+    scale = torch.as_tensor(scale_n, dtype=torch.float32)
+    expected = posterior_predictive_mean(
+        vae, test_ad, lambda c_bg, rows: torch.log1p(c_bg * scale[rows, None]), n_samples=args.scvi_samples
+    ).numpy()
     x_in = model_ae.transform(test).X
     x_in = x_in.toarray() if sp.issparse(x_in) else np.asarray(x_in)
     cosine = float(per_cell_metrics(torch.as_tensor(expected).float(), torch.as_tensor(x_in).float())["cosine"].mean())
