@@ -1,6 +1,6 @@
 """``split_cells`` and ``split_obs`` on hand-made cases: set sizes, what is refused, and how strata (missing labels included) are cut.
 
-Written against the contract users rely on (docs/data.md: seeded, stratified, every cell in exactly one set), and
+Written against the contract users rely on (README, "Data": seeded, stratified, every cell in exactly one set), and
 sized so that each boundary of the validation sits on a test; `make mutation` checks that they bite.
 """
 
@@ -75,7 +75,7 @@ def test_too_few_cells_for_a_set_is_a_data_error_naming_the_sizes(n, val, test):
 
 
 def test_the_split_is_a_seeded_permutation_cut_in_val_test_train_order():
-    # The documented recipe (docs/data.md): numpy's default_rng(split_seed) permutes the cells; the first n_val are
+    # The documented recipe (README, "Data"): numpy's default_rng(split_seed) permutes the cells; the first n_val are
     # validation, the next n_test test, the rest training. Pinning it keeps old runs' held-out cells reproducible.
     perm = np.random.default_rng(5).permutation(50)
     split = split_cells(50, val_fraction=0.2, test_fraction=0.1, seed=5)
