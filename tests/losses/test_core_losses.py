@@ -60,3 +60,55 @@ def test_invalid_settings_are_refused():
         MSELoss(reduction="avg")
     with pytest.raises(ValueError, match="differ in shape"):
         MSELoss()(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+# Written against the survivors of `make mutation MODULES=expression_losses` (docs/testing.md): each test names
+# the behaviour a surviving mutant changed.
+
+
+def test_mixed_loss_defaults_to_equal_weights_and_reaches_both_ends():
+    g = torch.Generator().manual_seed(1)
+    pred, target = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    mse, cos = MSELoss(reduction="none")(pred, target), CosineLoss(reduction="none")(pred, target)
+    torch.testing.assert_close(MixedLoss(reduction="none")(pred, target), 0.5 * mse + 0.5 * cos)
+    # alpha = 0 and 1 are allowed and are exactly the cosine loss and the MSE loss.
+    torch.testing.assert_close(MixedLoss(0.0, reduction="none")(pred, target), cos)
+    torch.testing.assert_close(MixedLoss(1.0, reduction="none")(pred, target), mse)
+
+
+def test_mixed_loss_passes_centering_eps_and_axis_to_both_terms():
+    g = torch.Generator().manual_seed(2)
+    # Small profiles, so eps = 0.5 changes the cosine term; cells along dim 0 in the transposed copy.
+    pred, target = 0.1 * torch.randn(6, 5, generator=g), 0.1 * torch.randn(6, 5, generator=g) + 0.05
+    mixed = MixedLoss(0.25, centered=True, eps=0.5, reduction="none")
+    expected = 0.25 * MSELoss(reduction="none")(pred, target) + 0.75 * CosineLoss(
+        centered=True, eps=0.5, reduction="none"
+    )(pred, target)
+    torch.testing.assert_close(mixed(pred, target), expected)
+    assert not torch.allclose(mixed(pred, target), MixedLoss(0.25, eps=0.5, reduction="none")(pred, target))
+    assert not torch.allclose(mixed(pred, target), MixedLoss(0.25, centered=True, reduction="none")(pred, target))
+    by_column = MixedLoss(0.25, centered=True, eps=0.5, reduction="none", dim=0)
+    torch.testing.assert_close(by_column(pred.T.contiguous(), target.T.contiguous()), expected)
+
+
+def test_eps_only_guards_a_vanishing_norm():
+    # Each squared norm is clamped at eps²: the default (1e-16) is far below these profiles' 1e-6, so tiny identical
+    # profiles still have cosine 1. A loss built with eps = 1e-2 clamps both norms to 1e-2: cosine 1e-6 / 1e-4.
+    tiny = torch.tensor([[1e-3, 0.0]], dtype=torch.float64)
+    assert cosine_similarity(tiny, tiny).item() == pytest.approx(1.0)
+    assert CosineLoss(eps=1e-2, reduction="none")(tiny, tiny).item() == pytest.approx(1.0 - 1e-2)
+
+
+def test_centering_zeroes_only_rows_that_are_constant_up_to_rounding():
+    # Row 0 is large and varies; row 1 varies by 0.05 steps around 1000 (float32): its centred norm 0.16 is far
+    # above the rounding tolerance of its own size (~8e-3), though below one computed from the whole batch.
+    a = torch.tensor([[1e6, 0.0, -1e6, 5e5, 0.0], [1000.0, 1000.05, 1000.1, 1000.15, 1000.2]])
+    b = torch.tensor([[1.0, 0.0, -1.0, 0.5, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0]])
+    r = cosine_similarity(a, b, centered=True)
+    assert r.tolist() == pytest.approx([1.0, 1.0], abs=1e-3)
+
+
+def test_weights_do_not_change_the_loss_dtype():
+    pred, target = torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 1.0], [2.0, 2.0]])
+    weighted = CosineLoss()(pred, target, torch.tensor([3.0, 1.0], dtype=torch.float64))
+    assert weighted.dtype == torch.float32
