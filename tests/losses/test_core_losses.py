@@ -112,3 +112,21 @@ def test_weights_do_not_change_the_loss_dtype():
     pred, target = torch.tensor([[1.0, 0.0], [1.0, 1.0]]), torch.tensor([[0.0, 1.0], [2.0, 2.0]])
     weighted = CosineLoss()(pred, target, torch.tensor([3.0, 1.0], dtype=torch.float64))
     assert weighted.dtype == torch.float32
+
+
+def test_a_row_constant_up_to_rounding_has_zero_correlation_with_anything():
+    # 300 seven times, one entry a float32 ulp (3e-5) higher: centring leaves residuals whose direction is noise
+    # (r ~ 0.2 against the row below if they are kept). They sit far below the row's own rounding scale
+    # (32 eps x its norm, ~3e-3), so the row counts as constant. Next to it, a row that varies keeps its
+    # correlation: the check is per row, at each row's own scale.
+    row = torch.full((7,), 300.0)
+    row[3] = torch.nextafter(row[3], torch.tensor(1e9))
+    a = torch.stack([row, torch.arange(7.0)])
+    b = torch.stack([torch.arange(7.0) ** 2, torch.arange(7.0)])
+    assert (a[0] - a[0].mean()).abs().max() > 0  # the case needs the rounding to be there
+    assert cosine_similarity(a, b, centered=True).tolist() == pytest.approx([0.0, 1.0], abs=1e-6)
+
+
+def test_mixed_loss_default_eps_is_the_cosine_losses():
+    tiny = torch.tensor([[1e-3, 0.0]], dtype=torch.float64)
+    assert MixedLoss(0.0, reduction="none")(tiny, tiny).item() == pytest.approx(0.0, abs=1e-9)
