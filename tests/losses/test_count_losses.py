@@ -324,3 +324,19 @@ def test_gpu_bf16_count_loss_is_float32():
 def test_head_spec_is_checked():
     with pytest.raises(ValueError, match="library must be one of"):
         CountHeadSpec(library="fixed")
+
+
+@pytest.mark.parametrize("theta", [99.0, 100.5, 150.0, 1e3, 1e5])
+def test_nb_log_prob_is_scipys_on_both_sides_of_the_stirling_switch(theta):
+    """In float64 the Stirling branch (theta > 100) and the exact one (theta <= 100) both give scipy's log-pmf.
+
+    The series' next term is O(x/theta^3); its first correction x/(12 theta (theta + x)) is up to 6e-4 here, so a
+    wrong sign or constant in it is far outside the tolerance.
+    """
+    from scipy.stats import nbinom
+
+    x = torch.tensor([0.0, 1.0, 5.0, 30.0, 200.0], dtype=torch.float64).repeat(3)
+    mu = torch.tensor([0.5, 10.0, 300.0], dtype=torch.float64).repeat_interleave(5)
+    ours = nb_log_prob(x, mu.log(), torch.full_like(mu, theta).log())
+    expected = nbinom.logpmf(x.numpy(), theta, theta / (theta + mu.numpy()))
+    np.testing.assert_allclose(ours.numpy(), expected, rtol=0, atol=1e-9 if theta <= 100 else 2e-7)
