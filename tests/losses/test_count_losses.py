@@ -340,3 +340,26 @@ def test_nb_log_prob_is_scipys_on_both_sides_of_the_stirling_switch(theta):
     ours = nb_log_prob(x, mu.log(), torch.full_like(mu, theta).log())
     expected = nbinom.logpmf(x.numpy(), theta, theta / (theta + mu.numpy()))
     np.testing.assert_allclose(ours.numpy(), expected, rtol=0, atol=1e-9 if theta <= 100 else 2e-7)
+
+
+def test_count_losses_weight_cells_keep_float64_and_sum_over_their_axis():
+    """Per-cell weights reach the mean; float64 inputs stay float64 (only lower precisions are raised to float32);
+    ``dim`` picks the genes' axis; the library choice reaches the count head."""
+    g = torch.Generator().manual_seed(3)
+    log_mu = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    x = torch.poisson(log_mu.exp(), generator=g)
+    per_cell = PoissonNLL(reduction="none")({"log_mu": log_mu}, x)
+    assert per_cell.dtype == torch.float64
+    w = torch.tensor([1.0, 0.0, 2.0, 1.0], dtype=torch.float64)
+    torch.testing.assert_close(PoissonNLL()({"log_mu": log_mu}, x, w), (per_cell * w).sum() / w.sum())
+    by_column = PoissonNLL(reduction="none", dim=0)({"log_mu": log_mu.T.contiguous()}, x.T.contiguous())
+    torch.testing.assert_close(by_column, per_cell)
+    log_theta = torch.full_like(log_mu, 2.0)
+    nb = NegativeBinomialNLL(reduction="none")({"log_mu": log_mu, "log_theta": log_theta}, x)
+    nb_by_column = NegativeBinomialNLL(reduction="none", dim=0)(
+        {"log_mu": log_mu.T.contiguous(), "log_theta": log_theta.T.contiguous()}, x.T.contiguous()
+    )
+    torch.testing.assert_close(nb_by_column, nb)
+    for loss in (PoissonNLL, NegativeBinomialNLL):
+        assert loss(library="observed").head.library == "observed"
+        assert loss(library="learned").head.library == "learned"
